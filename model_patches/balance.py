@@ -1,0 +1,195 @@
+"""MGDA rules of Minimal Impact ControlNet (Sun et al., ICLR 2025), in pure torch.
+
+Two rules replace ComfyUI's plain sums:
+
+* ``add_com`` combines the residuals that several ControlNets produce for one
+  UNet layer (core: ``r1 + r2 + ...``).
+* ``add_inj`` injects the combined residual into the UNet feature at that layer
+  (core: ``h + r``).
+
+Both are built on ``mgda_coefficient``, the closed-form two-task MGDA weight.
+
+Conventions shared by every function here:
+
+* Tensors are ``(B, C, ...)``. Batch rows are independent: ComfyUI batches the
+  cond and uncond rows of classifier-free guidance together, so every
+  reduction is per row, never over dim 0.
+* ``granularity="layer"`` (the paper) reduces over every non-batch dim and
+  gives one coefficient per row, shaped ``(B, 1, ..., 1)``.
+  ``granularity="pixel"`` reduces over channels only and gives one
+  coefficient per row and location, shaped ``(B, 1, H, W)``.
+* Reductions are accumulated in fp32 whatever the input dtype (fp16 sums of
+  squares of UNet features overflow); the outputs keep the input dtype and
+  device.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+GRANULARITIES = ("layer", "pixel")
+
+__all__ = [
+    "GRANULARITIES",
+    "mgda_coefficient",
+    "injection_lambda",
+    "add_inj",
+    "combination_weights",
+    "add_com",
+]
+
+
+def _reduce_dims(x: torch.Tensor, granularity: str) -> tuple[int, ...]:
+    if x.ndim < 2:
+        raise ValueError(
+            f"expected a batched feature tensor (B, C, ...), got shape {tuple(x.shape)}"
+        )
+    if granularity == "layer":
+        return tuple(range(1, x.ndim))
+    if granularity == "pixel":
+        return (1,)
+    raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+
+
+def mgda_coefficient(v1: torch.Tensor, v2: torch.Tensor, granularity: str = "layer") -> torch.Tensor:
+    """λ* of eq. 8: ``clip((v2 - v1)ᵀ v2 / ‖v2 - v1‖², 0, 1)``, per batch row.
+
+    This is Sener and Koltun's two-task MGDA step: λ* is the weight of ``v1``
+    in the minimum-norm point ``λ v1 + (1 - λ) v2`` of the segment between
+    the two vectors. Where a row has ``v1 == v2`` (zero rows included) every
+    λ is a minimiser and λ* = 0.5 is returned.
+
+    Returns an fp32 tensor shaped ``(B, 1, ..., 1)`` (layer) or
+    ``(B, 1, H, W)`` (pixel), on the inputs' device. Non-finite inputs give
+    non-finite coefficients; callers that must not propagate them check.
+    """
+    if v1.shape != v2.shape:
+        raise ValueError(
+            f"mgda_coefficient needs two tensors of one shape, got {tuple(v1.shape)} and {tuple(v2.shape)}"
+        )
+    dims = _reduce_dims(v1, granularity)
+    a = v1.to(torch.float32)
+    b = v2.to(torch.float32)
+    diff = b - a
+    num = (diff * b).sum(dim=dims, keepdim=True)
+    den = diff.square().sum(dim=dims, keepdim=True)
+    degenerate = den == 0
+    lam = num / torch.where(degenerate, torch.ones_like(den), den)
+    lam = torch.where(degenerate, torch.full_like(lam, 0.5), lam)
+    return lam.clamp(0.0, 1.0)
+
+
+def injection_lambda(lam_star: torch.Tensor, max_lambda: float = 20.0) -> torch.Tensor:
+    """λ = λ*/(1 - λ*) of eqs. 9-10, clipped to [0, max_lambda].
+
+    λ* = 1 divides by zero; the resulting +inf clips to ``max_lambda``, which
+    is the value the paper's clip gives in the limit.
+    """
+    if max_lambda < 0:
+        raise ValueError(f"max_lambda must be >= 0, got {max_lambda}")
+    return (lam_star / (1.0 - lam_star)).clamp(0.0, float(max_lambda))
+
+
+def add_inj(
+    f_e: torch.Tensor,
+    f_c: torch.Tensor,
+    max_lambda: float = 20.0,
+    granularity: str = "layer",
+) -> torch.Tensor:
+    """Balanced injection ``f_e + λ·f_c`` (eqs. 9-10).
+
+    ``f_e`` is the UNet feature (a skip connection or the middle-block
+    output), ``f_c`` the control residual for that layer. λ* is
+    ``mgda_coefficient(f_e, f_c)`` and λ = λ*/(1-λ*) clipped to
+    ``[0, max_lambda]``. A silent control (``f_c = 0``) gives λ* = 0, so the
+    UNet feature passes unchanged; a control that dominates the feature is
+    amplified up to ``max_lambda``.
+
+    The result has ``f_e``'s dtype and device.
+    """
+    lam = injection_lambda(mgda_coefficient(f_e, f_c, granularity), max_lambda)
+    return torch.addcmul(f_e, lam.to(f_e.dtype), f_c.to(f_e.dtype))
+
+
+def combination_weights(features: Sequence[torch.Tensor], granularity: str = "layer") -> list[torch.Tensor]:
+    """The fp32 weights ``w_i`` with which ``add_com`` mixes ``features``.
+
+    N = 1: ``[1]``.
+
+    N = 2 (eq. 12): ``[1 - λ*, λ*]`` with ``λ* = mgda_coefficient(f1, f2)``.
+    Note the assignment: eq. 8 defines λ* as the MGDA weight of ``v1``, but
+    eq. 12 applies it to ``f2``. This is what the paper writes and it is
+    implemented as written: the weights are the *swapped* minimum-norm
+    weights, so the stronger signal dominates. A silent control (all zeros)
+    gets λ* = 1 against a non-silent one, i.e. weight 0, which is exactly
+    what stops silent regions of one control from suppressing another.
+
+    N > 2: pairwise rule. For an ordered pair write
+    ``s(i|j) = mgda_coefficient(f_j, f_i)``, the weight eq. 12 gives ``f_i``
+    when combined with ``f_j`` alone (so ``s(i|j) + s(j|i) = 1``, the
+    clipping and the degenerate 0.5 included). Then
+
+        w_i = Σ_{j≠i} s(i|j) / C(N, 2)
+
+    Properties:
+
+    * Σ_i w_i = Σ over unordered pairs of (s(i|j) + s(j|i)) / C(N, 2) = 1,
+      so the result stays a convex combination, like eq. 12.
+    * N = 2: C(2, 2) = 1 and ``w_2 = s(2|1) = mgda_coefficient(f1, f2) = λ*``,
+      ``w_1 = 1 - λ*``: exactly eq. 12.
+    * The formula is symmetric under any permutation of the controls, so the
+      result does not depend on their order (up to float rounding of sums).
+    * A silent control loses every pair against non-silent controls and gets
+      weight 0, as in the two-control case.
+    * It needs only N(N-1)/2 pairwise reductions, in closed form (no
+      iterative Frank-Wolfe solve whose result would depend on order).
+    """
+    n = len(features)
+    if n == 0:
+        raise ValueError("add_com needs at least one feature tensor, got none")
+    first = features[0]
+    for i, f in enumerate(features[1:], start=1):
+        if f.shape != first.shape:
+            raise ValueError(
+                f"add_com needs features of one shape, got {tuple(first.shape)} (control 0) "
+                f"and {tuple(f.shape)} (control {i})"
+            )
+    if n == 1:
+        return [torch.ones(_weight_shape(first, granularity), dtype=torch.float32, device=first.device)]
+    if n == 2:
+        lam = mgda_coefficient(features[0], features[1], granularity)
+        return [1.0 - lam, lam]
+    shares = [None] * n
+    for i in range(n):
+        for j in range(i + 1, n):
+            lam = mgda_coefficient(features[i], features[j], granularity)  # s(j|i)
+            shares[j] = lam if shares[j] is None else shares[j] + lam
+            shares[i] = (1.0 - lam) if shares[i] is None else shares[i] + (1.0 - lam)
+    pairs = n * (n - 1) / 2.0
+    return [s / pairs for s in shares]
+
+
+def _weight_shape(x: torch.Tensor, granularity: str) -> tuple[int, ...]:
+    dims = set(_reduce_dims(x, granularity))
+    return tuple(1 if d in dims else s for d, s in enumerate(x.shape))
+
+
+def add_com(features: Sequence[torch.Tensor], granularity: str = "layer") -> torch.Tensor:
+    """Balanced combination of the residuals of N >= 1 controls at one layer.
+
+    N = 1 returns the tensor itself; N = 2 is eq. 12,
+    ``(1 - λ*)·f1 + λ*·f2``; N > 2 uses the order-independent pairwise
+    weights derived in ``combination_weights``. The result has the first
+    feature's dtype and device.
+    """
+    if len(features) == 1:
+        return features[0]
+    weights = combination_weights(features, granularity)
+    dtype = features[0].dtype
+    out = None
+    for w, f in zip(weights, features):
+        term = w.to(dtype) * f.to(dtype)
+        out = term if out is None else out + term
+    return out

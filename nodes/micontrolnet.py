@@ -1,0 +1,177 @@
+"""MIControlNet nodes: balanced multi-ControlNet sampling (add^com / add^inj).
+
+Thin V3 schemas; the logic lives in ``model_patches.mi_control``.
+"""
+
+from __future__ import annotations
+
+import torch
+from typing_extensions import override
+
+import comfy.controlnet
+from comfy_api.latest import io
+
+from ..model_patches.balance import GRANULARITIES
+from ..model_patches.balance_map import render_balance_map
+from ..model_patches.mi_control import (
+    MODE_DESCRIPTIONS,
+    MODES,
+    SETTINGS_KEY,
+    MinimalImpactControl,
+    find_balance_record,
+    settings_dict,
+)
+
+CATEGORY = "conditioning/controlnet/balanced"
+
+
+def _check_image(image: torch.Tensor, what: str) -> None:
+    if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[-1] not in (1, 3, 4):
+        shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+        raise ValueError(f"{what}: expected an IMAGE batch shaped (B, H, W, 3), got {shape}. "
+                         f"Connect an image output (e.g. Load Image or a preprocessor).")
+
+
+def _normalise_mask(mask: torch.Tensor | None, what: str) -> torch.Tensor | None:
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor) or mask.ndim not in (2, 3):
+        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"{what}: expected a MASK shaped (B, H, W) or (H, W), got {shape}.")
+    if mask.ndim == 2:
+        mask = mask.unsqueeze(0)
+    return mask.float().clamp(0.0, 1.0)
+
+
+class MIControlNetApply(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="MIControlNetApply",
+            display_name="Apply ControlNet (Minimal Impact)",
+            category=CATEGORY,
+            description=(
+                "Apply a ControlNet whose residuals are balanced with the other minimal-impact controls "
+                "on the same conditioning: combined per layer with add^com and injected into the UNet "
+                "with add^inj (MIControlNet), so the silent parts of one control do not suppress another. "
+                "Core ControlNets in the same chain keep their plain sum."
+            ),
+            inputs=[
+                io.Conditioning.Input("positive"),
+                io.Conditioning.Input("negative"),
+                io.ControlNet.Input("control_net"),
+                io.Image.Input("image", tooltip="The control image (edges, pose, depth...); resized to the latent like core hints."),
+                io.Float.Input("strength", default=1.0, min=0.0, max=10.0, step=0.01),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001),
+                io.Vae.Input("vae", optional=True, tooltip="Only for ControlNets that take a VAE-encoded hint."),
+                io.Mask.Input("mask", optional=True, tooltip="Limits this control's effect to a region (1 = full effect)."),
+            ],
+            outputs=[
+                io.Conditioning.Output(display_name="positive"),
+                io.Conditioning.Output(display_name="negative"),
+            ],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, positive, negative, control_net, image, strength, start_percent, end_percent,
+                vae=None, mask=None) -> io.NodeOutput:
+        label = f"MIControlNetApply #{cls.hidden.unique_id}" if cls.hidden and cls.hidden.unique_id else "MIControlNetApply"
+        if not isinstance(control_net, comfy.controlnet.ControlBase):
+            raise ValueError(f"{label}: control_net must be a CONTROL_NET from a ControlNet loader, "
+                             f"got {type(control_net).__name__}.")
+        _check_image(image, label)
+        mask = _normalise_mask(mask, label)
+        if start_percent > end_percent:
+            raise ValueError(f"{label}: start_percent ({start_percent}) is after end_percent ({end_percent}); "
+                             f"the control would never run. Swap them.")
+        if strength == 0:
+            return io.NodeOutput(positive, negative)
+
+        hint = image[..., :3].movedim(-1, 1)
+        created = {}
+        out = []
+        for conditioning in (positive, negative):
+            new = []
+            for cond, extra in conditioning:
+                extra = extra.copy()
+                prev = extra.get("control", None)
+                # Like core: entries that shared a previous control share the new one.
+                if prev not in created:
+                    c = MinimalImpactControl.create(control_net, hint, strength, (start_percent, end_percent),
+                                                    vae=vae, mask=mask, label=label)
+                    c.set_previous_controlnet(prev)
+                    created[prev] = c
+                extra["control"] = created[prev]
+                extra["control_apply_to_uncond"] = False
+                new.append([cond, extra])
+            out.append(new)
+        return io.NodeOutput(out[0], out[1])
+
+
+class MIControlNetSettings(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="MIControlNetSettings",
+            display_name="MIControlNet Settings",
+            category=CATEGORY,
+            description=(
+                "Pick, for sampling runs with this model, how minimal-impact controls are combined and injected. "
+                + " ".join(f"{m}: {d}." for m, d in MODE_DESCRIPTIONS.items())
+            ),
+            inputs=[
+                io.Model.Input("model"),
+                io.Combo.Input("mode", options=list(MODES), default="micontrolnet"),
+                io.Combo.Input("granularity", options=list(GRANULARITIES), default="layer",
+                               tooltip="layer: one weight per layer (the paper); pixel: one weight per location."),
+                io.Float.Input("max_lambda", default=20.0, min=0.0, max=1000.0, step=0.1,
+                               tooltip="Upper clip of the add^inj weight λ = λ*/(1-λ*)."),
+                io.Boolean.Input("record_balance", default=True,
+                                 tooltip="Keep the last step's weights for MIControlNetBalanceMap."),
+            ],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, mode, granularity, max_lambda, record_balance) -> io.NodeOutput:
+        settings = settings_dict(mode, granularity, max_lambda, record_balance)
+        m = model.clone()
+        m.model_options.setdefault("transformer_options", {})[SETTINGS_KEY] = settings
+        return io.NodeOutput(m)
+
+
+class MIControlNetBalanceMap(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="MIControlNetBalanceMap",
+            display_name="MIControlNet Balance Map",
+            category=CATEGORY,
+            description=(
+                "Show, per UNet layer and location, how much each minimal-impact control and the UNet "
+                "feature contributed on the last sampling step: dominance colours per control, the "
+                "control/UNet share of the injected feature, and the λ values."
+            ),
+            inputs=[
+                io.Conditioning.Input("positive", tooltip="The positive conditioning that went into the sampler."),
+                io.Latent.Input("samples", tooltip="The sampler's output; makes this node run after sampling."),
+                io.Int.Input("cell_size", default=64, min=16, max=512, step=8),
+            ],
+            outputs=[io.Image.Output(display_name="balance_map")],
+        )
+
+    @classmethod
+    def execute(cls, positive, samples, cell_size) -> io.NodeOutput:
+        record = find_balance_record(positive)
+        if record is None:
+            raise ValueError(
+                "MIControlNetBalanceMap: no balance was recorded for this conditioning. Connect the positive "
+                "conditioning that went through MIControlNetApply into the sampler, and the sampler's LATENT "
+                "output to 'samples'; check that record_balance is on in MIControlNetSettings."
+            )
+        return io.NodeOutput(render_balance_map(record, cell=cell_size))
+
+
+NODES = [MIControlNetApply, MIControlNetSettings, MIControlNetBalanceMap]

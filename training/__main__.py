@@ -1,0 +1,27 @@
+"""``python -m training <subcommand>``."""
+
+import argparse
+import sys
+
+SUBCOMMANDS: dict = {}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m training",
+        description="Headless training for ComfyUI-BalancedControl checkpoints.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="<subcommand>")
+    for name, (help_text, add_args, _) in SUBCOMMANDS.items():
+        add_args(sub.add_parser(name, help=help_text))
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        if not SUBCOMMANDS:
+            print("\nNo training subcommand is available in this version yet.")
+        return 0
+    return SUBCOMMANDS[args.command][2](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
