@@ -228,7 +228,11 @@ class BalancedInjection:
         return inj
 
     def add(self, label: str, control_dict: dict, control) -> None:
-        self.entries.append(_ControlEntry(label, control_dict, control))
+        taken = {e.label for e in self.entries}
+        unique, k = label, 2
+        while unique in taken:  # two controls with one label would share a colour in the map
+            unique, k = f"{label} ({k})", k + 1
+        self.entries.append(_ControlEntry(unique, control_dict, control))
 
     # -- UNet patches ------------------------------------------------------------
     def input_block_patch(self, h, transformer_options):
@@ -242,7 +246,7 @@ class BalancedInjection:
             # At the first output block h is the middle-block output (after
             # core's own middle control): the place of the paper's middle injection.
             h = self._inject(h, "middle", "middle")
-        hsp = self._inject(hsp, "output", f"skip {block[1]}")
+        hsp = self._inject(hsp, "output", f"output {block[1]} skip")
         return h, hsp
 
     def diffusion_model_wrapper(self, executor, *args, **kwargs):

@@ -1,0 +1,56 @@
+"""Shared fixtures: the real ComfyUI runtime, in-process and as a server.
+
+Everything here runs ComfyUI's own code (the tree scripts/bootstrap.sh
+fetched, or $COMFYUI_PATH): models are built with comfy.supported_models and
+loaded with comfy's loaders; servers are ComfyUI's main.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from headless.runtime import import_extension  # noqa: E402
+
+# Import ComfyUI (with --cpu on machines without CUDA) and this extension as
+# the package "balanced_control" before any test module imports comfy.
+import_extension()
+
+
+def model_cache_dir() -> Path:
+    d = Path(os.environ.get("BC_CACHE", REPO / ".cache")) / "test-models"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def cached_model(name: str, build, *key) -> Path:
+    """Build a synthetic model file once per (name, key, builder source) and reuse it."""
+    import inspect
+    import headless.synthetic as synthetic
+
+    digest = hashlib.sha256(json.dumps([name, key], sort_keys=True, default=str).encode()
+                            + inspect.getsource(synthetic).encode()).hexdigest()[:12]
+    path = model_cache_dir() / f"{Path(name).stem}-{digest}{Path(name).suffix}"
+    if not path.exists():
+        build(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_sd15_files():
+    """A small SD1.5-family checkpoint (detected as SD15 by ComfyUI) and two ControlNets for it."""
+    from headless import synthetic as s
+
+    ckpt = cached_model("small-sd15.safetensors", lambda p: s.write_sd15_checkpoint(p, s.SD15_UNET_SMALL), "ckpt")
+    cn_a = cached_model("small-cn-a.safetensors", lambda p: s.write_controlnet(p, s.SD15_UNET_SMALL, seed=11), "a")
+    cn_b = cached_model("small-cn-b.safetensors", lambda p: s.write_controlnet(p, s.SD15_UNET_SMALL, seed=12), "b")
+    return {"checkpoint": ckpt, "controlnets": [cn_a, cn_b]}
