@@ -45,6 +45,9 @@ TINY_UNET = {
     "transformer_depth_output": [1, 1, 1, 1], "use_temporal_attention": False, "use_temporal_resblock": False,
 }
 
+# The same, with SD1.5's text-context width, so it reads as SD1.5-family.
+TINY_SD15_UNET = dict(TINY_UNET, context_dim=768)
+
 # A tiny SDXL-shaped UNet (9 input blocks, context 2048, class embedding 2816).
 TINY_SDXL_UNET = {
     "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,

@@ -126,25 +126,32 @@ def combination_weights(features: Sequence[torch.Tensor], granularity: str = "la
     gets λ* = 1 against a non-silent one, i.e. weight 0, which is exactly
     what stops silent regions of one control from suppressing another.
 
-    N > 2: pairwise rule. For an ordered pair write
+    N > 2: product of pairwise shares. For an ordered pair write
     ``s(i|j) = mgda_coefficient(f_j, f_i)``, the weight eq. 12 gives ``f_i``
-    when combined with ``f_j`` alone (so ``s(i|j) + s(j|i) = 1``, the
-    clipping and the degenerate 0.5 included). Then
+    when it is combined with ``f_j`` alone; ``s(i|j) + s(j|i) = 1``, the
+    clipping and the degenerate 0.5 included. Then
 
-        w_i = Σ_{j≠i} s(i|j) / C(N, 2)
+        w_i = P_i / Σ_k P_k,   P_i = Π_{j≠i} s(i|j)
 
-    Properties:
+    i.e. each control is weighted by how completely it wins all its two-way
+    eq.-12 duels (as if the duels were independent).
 
-    * Σ_i w_i = Σ over unordered pairs of (s(i|j) + s(j|i)) / C(N, 2) = 1,
-      so the result stays a convex combination, like eq. 12.
-    * N = 2: C(2, 2) = 1 and ``w_2 = s(2|1) = mgda_coefficient(f1, f2) = λ*``,
-      ``w_1 = 1 - λ*``: exactly eq. 12.
-    * The formula is symmetric under any permutation of the controls, so the
-      result does not depend on their order (up to float rounding of sums).
-    * A silent control loses every pair against non-silent controls and gets
-      weight 0, as in the two-control case.
-    * It needs only N(N-1)/2 pairwise reductions, in closed form (no
-      iterative Frank-Wolfe solve whose result would depend on order).
+    * N = 2: ``w_1 = s(1|2) / (s(1|2) + s(2|1)) = 1 - λ*`` and ``w_2 = λ*``:
+      exactly eq. 12 (and computed with eq. 12's own formula).
+    * Silent controls get weight 0 (they lose every duel against a
+      non-silent control) *and do not dilute the others*: adding any number of
+      silent controls to a set leaves the result unchanged, since every other
+      P_i is multiplied by 1. (A simpler mean of the pairwise shares would
+      cap a dominating control at 2/N.)
+    * Two equal controls share equally; N identical controls get 1/N each.
+    * Σ_k P_k > 0: a control with P_i = 0 lost some duel completely, and a
+      cycle of complete losses would need ‖f_1‖ ≤ ‖f_2‖ ≤ ... ≤ ‖f_1‖ with
+      each pair parallel, i.e. identical features, which give 0.5, not 0.
+      (Should rounding ever make the sum vanish, the weights fall back to 1/N.)
+    * The formula is symmetric under permutations of the controls, so the
+      result does not depend on their order (up to float rounding), and it
+      needs only N(N-1)/2 reductions, in closed form (no iterative min-norm
+      solve whose result could depend on order).
     """
     n = len(features)
     if n == 0:
@@ -161,14 +168,16 @@ def combination_weights(features: Sequence[torch.Tensor], granularity: str = "la
     if n == 2:
         lam = mgda_coefficient(features[0], features[1], granularity)
         return [1.0 - lam, lam]
-    shares = [None] * n
+    wins = [None] * n  # P_i
     for i in range(n):
         for j in range(i + 1, n):
             lam = mgda_coefficient(features[i], features[j], granularity)  # s(j|i)
-            shares[j] = lam if shares[j] is None else shares[j] + lam
-            shares[i] = (1.0 - lam) if shares[i] is None else shares[i] + (1.0 - lam)
-    pairs = n * (n - 1) / 2.0
-    return [s / pairs for s in shares]
+            wins[j] = lam if wins[j] is None else wins[j] * lam
+            wins[i] = (1.0 - lam) if wins[i] is None else wins[i] * (1.0 - lam)
+    total = sum(wins)
+    uniform = torch.full_like(total, 1.0 / n)
+    safe_total = torch.where(total > 0, total, torch.ones_like(total))
+    return [torch.where(total > 0, p / safe_total, uniform) for p in wins]
 
 
 def _weight_shape(x: torch.Tensor, granularity: str) -> tuple[int, ...]:

@@ -86,12 +86,14 @@ class BalanceSettings:
 # architecture fit
 # --------------------------------------------------------------------------
 
+# (text context width, class-embedding width) -> family. The block count is
+# compared separately: it varies between a family's full and small variants.
 _KNOWN_FAMILIES = {
-    (12, 768, None): "SD1.5",
-    (12, 1024, None): "SD2.x",
-    (12, 1024, 768): "SD2.x unCLIP",
-    (9, 2048, 2816): "SDXL",
-    (9, 1280, 2560): "SDXL refiner",
+    (768, None): "SD1.5",
+    (1024, None): "SD2.x",
+    (1024, 768): "SD2.x unCLIP",
+    (2048, 2816): "SDXL",
+    (1280, 2560): "SDXL refiner",
 }
 
 
@@ -111,10 +113,10 @@ def describe_unet_family(module: torch.nn.Module) -> dict:
             if hasattr(sub, "in_features"):
                 adm = int(sub.in_features)
                 break
-    family = _KNOWN_FAMILIES.get((n_input, context, adm))
+    family = _KNOWN_FAMILIES.get((context, adm))
     text = f"{n_input} input blocks, text context {context}, class embedding {adm or 'none'}"
     return {"input_blocks": n_input, "context_dim": context, "adm_in_channels": adm,
-            "family": family, "text": (f"{family} ({text})" if family else text)}
+            "family": family, "text": (f"{family}-family ({text})" if family else text)}
 
 
 def check_control_fits_model(control: comfy.controlnet.ControlBase, model, label: str) -> None:
