@@ -280,7 +280,8 @@ class BalancedInjection:
             r = r.to(device=feature.device, dtype=feature.dtype)
             if r.shape[0] != feature.shape[0]:
                 r = r.expand_as(feature)
-            self._finite_checks.append((label, layer, torch.isfinite(r).all()))
+            # One fp32 reduction per residual (no elementwise temporaries); read once per forward in finish().
+            self._finite_checks.append((label, layer, torch.isfinite(r.sum(dtype=torch.float32))))
             residuals.append(r)
 
         s = self.settings

@@ -1,0 +1,129 @@
+"""Per-step cost of MIControlNet against ComfyUI's plain multi-ControlNet sum.
+
+    python benchmarks/bench_micontrolnet.py [--small] [--latent 16] [--repeats 5]
+
+(run with the project's environment: ``. scripts/bootstrap.sh`` then
+``$BC_PYTHON benchmarks/bench_micontrolnet.py``.)
+
+One "step" is what ComfyUI's sampler does per sampling step with CFG: one
+batched model call on cond and uncond rows, with the control chain evaluated
+for that batch. The same SD1.5-architecture UNet and the same two ControlNets
+(random weights, ComfyUI's own classes and loader) are timed in one process,
+interleaved, under:
+
+* core: two ``ControlNetApplyAdvanced`` (plain per-layer sum, ``h += r``),
+* MIControlNet layer: two ``MIControlNetApply`` (add^com + add^inj),
+* MIControlNet pixel: the same with pixel granularity,
+
+and the median ratio to core is printed. The balance map's recording happens
+on the last sampling step only, so it is off here (one line reports its cost).
+This is a benchmark, not a test: figures depend on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from headless.runtime import import_extension  # noqa: E402
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--small", action="store_true", help="small SD1.5-family UNet instead of the full architecture")
+    p.add_argument("--latent", type=int, default=16, help="latent side (image side / 8)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    import_extension()
+    import comfy.controlnet
+    import nodes as comfy_nodes
+
+    from balanced_control.model_patches import mi_control
+    from balanced_control.nodes.micontrolnet import MIControlNetApply
+    from headless import synthetic as s
+
+    config = s.SD15_UNET_SMALL if args.small else s.SD15_UNET
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    print(f"building {'small' if args.small else 'full'} SD1.5 UNet and two ControlNets on {device} ({dtype}) ...",
+          flush=True)
+    model = s.build_unet_model(config, seed=0).to(device=device, dtype=dtype)
+    cns = []
+    for k in (1, 2):
+        cn = comfy.controlnet.load_controlnet_state_dict(s.controlnet_state_dict(config, seed=k))
+        cn.control_model.to(device=device, dtype=dtype)
+        cns.append(cn)
+
+    g = torch.Generator().manual_seed(0)
+    side = args.latent
+    ctx = torch.randn(2, 77, 768, generator=g).to(device, dtype)
+    pos, neg = [[ctx[1:], {}]], [[ctx[:1], {}]]
+    images = [torch.rand(1, side * 8, side * 8, 3, generator=g) for _ in cns]
+    x = torch.randn(2, 4, side, side, generator=g).to(device, dtype)
+    sigma = torch.full((2,), 5.0, device=device)
+
+    def chain(apply):
+        p_, n_ = pos, neg
+        for cn, img in zip(cns, images):
+            p_, n_ = apply(p_, n_, cn, img)
+        control = p_[0][1]["control"]
+        control.pre_run(model, model.model_sampling.percent_to_sigma)
+        return control
+
+    core = chain(lambda p_, n_, cn, img: comfy_nodes.ControlNetApplyAdvanced().apply_controlnet(p_, n_, cn, img, 1.0, 0.0, 1.0))
+    mi = chain(lambda p_, n_, cn, img: MIControlNetApply.execute(p_, n_, cn, img, 1.0, 0.0, 1.0).args)
+
+    def settings(mode, granularity, record=False):
+        return {mi_control.SETTINGS_KEY: mi_control.settings_dict(mode, granularity, 20.0, record)}
+
+    configs = {
+        "core (plain sum)": (core, {}),
+        "MIControlNet layer": (mi, settings("micontrolnet", "layer")),
+        "MIControlNet pixel": (mi, settings("micontrolnet", "pixel")),
+        "MIControlNet layer + recording": (mi, settings("micontrolnet", "layer", True)),
+    }
+
+    def step(control, extra):
+        to = {"cond_or_uncond": [1, 0], "sigmas": sigma[:1], **extra}
+        cond = {"c_crossattn": ctx, "transformer_options": to}
+        c = control.get_control(x, sigma, cond, 2, to)
+        out = model.apply_model(x, sigma, c_crossattn=ctx, control=c, transformer_options=to)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    times = {name: [] for name in configs}
+    with torch.inference_mode():
+        for name, (control, extra) in configs.items():  # warm-up
+            step(control, extra)
+        for r in range(args.repeats):
+            for name, (control, extra) in configs.items():  # interleaved: noise hits all alike
+                t0 = time.perf_counter()
+                step(control, extra)
+                times[name].append(time.perf_counter() - t0)
+            print(f"  repeat {r + 1}/{args.repeats}", flush=True)
+
+    base = statistics.median(times["core (plain sum)"])
+    print(f"\nper-step time, SD1.5 {'small' if args.small else 'full'} UNet + 2 ControlNets, batch 2 (cond+uncond), "
+          f"latent {side}x{side}, {device}, median of {args.repeats}:")
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        print(f"  {name:32s} {med * 1000:9.1f} ms   ratio to core {med / base:6.3f}")
+    ratio = statistics.median(times["MIControlNet layer"]) / base
+    print(f"\nMIControlNet / core ratio: {ratio:.3f} (target <= 1.02)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
