@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from headless import synthetic
 from headless.runtime import REPO
 from headless.server import ComfyServer, copy_model
 
@@ -25,6 +26,9 @@ def server(tmp_path_factory, small_sd15_files):
         "cns": [copy_model(p, base / "models" / "controlnet", f"small-cn-{i}.safetensors")
                 for i, p in enumerate(small_sd15_files["controlnets"])],
     }
+    names["sdxl_cn"] = "tiny-sdxl-controlnet.safetensors"
+    synthetic.save(synthetic.controlnet_state_dict(synthetic.TINY_SDXL_UNET, seed=9),
+                   base / "models" / "controlnet" / names["sdxl_cn"])
     (base / "input").mkdir(parents=True, exist_ok=True)
     for img in INPUTS.glob("*.png"):
         (base / "input" / img.name).write_bytes(img.read_bytes())
@@ -104,10 +108,18 @@ def test_template_browser_lists_the_example(server):
     assert ours and "micontrolnet_two_controls" in ours[0]
 
 
-def test_bad_graph_error_reaches_the_user(server):
-    """An SD1.5 model with a ControlNet of another shape fails with the node's message, not a torch trace."""
+def test_wrong_family_error_reaches_the_user(server):
+    """An SDXL ControlNet on the SD1.5 model fails with a message naming both, not a torch trace."""
     prompt = example_prompt(server)
-    prompt["9"]["inputs"]["strength"] = 1.0
+    prompt["5"]["inputs"]["control_net_name"] = server.names["sdxl_cn"]
+    with pytest.raises(RuntimeError) as err:
+        server.run(prompt)
+    msg = str(err.value)
+    assert "does not fit the model" in msg and "SDXL" in msg and "SD1.5" in msg
+
+
+def test_bad_percent_range_error_reaches_the_user(server):
+    prompt = example_prompt(server)
     prompt["8"]["inputs"]["start_percent"] = 0.9
     prompt["8"]["inputs"]["end_percent"] = 0.1
     with pytest.raises(RuntimeError) as err:
