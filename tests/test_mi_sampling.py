@@ -313,3 +313,64 @@ def test_node_input_errors(tiny):
     with pytest.raises(ValueError, match="MASK"):
         MIControlNetApply.execute(tiny["pos"], tiny["neg"], tiny["cns"][0], tiny["images"][0], 1.0, 0.0, 1.0,
                                   None, torch.zeros(1, 1, 8, 8))
+
+
+def test_sdxl_model_with_two_sdxl_controlnets():
+    """SDXL-family UNet (class embedding from pooled text + sizes) with two minimal-impact SDXL ControlNets."""
+    model = s.build_sdxl_unet_model(s.TINY_SDXL_UNET, seed=0)
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=CPU, offload_device=CPU)
+    cns = [comfy.controlnet.load_controlnet_state_dict(s.controlnet_state_dict(s.TINY_SDXL_UNET, seed=k))
+           for k in (31, 32)]
+    g = torch.Generator().manual_seed(7)
+    pos = [[torch.randn(1, 77, 2048, generator=g), {"pooled_output": torch.randn(1, 1280, generator=g)}]]
+    neg = [[torch.randn(1, 77, 2048, generator=g), {"pooled_output": torch.randn(1, 1280, generator=g)}]]
+    img = torch.rand(1, 64, 64, 3, generator=g)
+    plain = sample(patcher, pos, neg)
+    p, n = mi_apply(pos, neg, cns[0], img)
+    p, n = mi_apply(p, n, cns[1], img.flip(2))
+    balanced = sample(patcher, p, n)
+    assert torch.isfinite(balanced).all()
+    assert not torch.allclose(balanced, plain, atol=1e-3)
+    rec = mi_control.find_balance_record(p)
+    # SDXL: 9 skips + the middle block.
+    assert len(rec.layers) == 10
+
+
+class _InputResidualControl(comfy.controlnet.ControlBase):
+    """A control that, like a T2I-Adapter, returns 'input' residuals (added before the skip is stored)."""
+
+    def __init__(self, residuals):
+        super().__init__()
+        self.residuals = residuals
+
+    def get_control(self, x_noisy, t, cond, batched_number, transformer_options):
+        return {"input": [r.clone() for r in self.residuals], "middle": [], "output": []}
+
+    def copy(self):
+        c = _InputResidualControl(self.residuals)
+        self.copy_to(c)
+        return c
+
+
+def test_input_residuals_land_where_core_puts_them(tiny):
+    model = tiny["model"]
+    x, sigma, context = batch_inputs(tiny, seed=8)
+    shapes = []
+
+    def capture(h, to):
+        shapes.append(h.shape)
+        return h
+
+    model.apply_model(x, sigma, c_crossattn=context,
+                      transformer_options={"cond_or_uncond": [1, 0], "patches": {"input_block_patch": [capture]}})
+    g = torch.Generator().manual_seed(9)
+    # core pops from the end: list[-1] goes to input block 0.
+    residuals = [torch.randn(shp, generator=g) for shp in reversed(shapes)]
+    core_out = model.apply_model(x, sigma, c_crossattn=context, control={"input": [r.clone() for r in residuals]},
+                                 transformer_options={"cond_or_uncond": [1, 0]})
+    control = mi_control.MinimalImpactControl(_InputResidualControl(residuals), label="t2i-like")
+    to = {"cond_or_uncond": [1, 0], "sigmas": sigma[:1],
+          mi_control.SETTINGS_KEY: mi_control.settings_dict("vanilla", "layer", 20.0, True)}
+    out = one_forward(model, control, to, x, sigma, context)
+    assert torch.allclose(out, core_out, rtol=1e-5, atol=1e-5)
+    assert [l["layer"] for l in control.last_balance_record.layers[:2]] == ["input 0", "input 1"]
