@@ -7,10 +7,7 @@ from typing_extensions import override
 
 from comfy_api.latest import ComfyExtension, io
 
-if __package__:
-    from .nodes import ALL_NODES
-else:  # imported as a plain module (pytest's package setup in a checkout whose folder name is no identifier)
-    ALL_NODES = []
+from .nodes import ALL_NODES
 
 
 class BalancedControlExtension(ComfyExtension):
