@@ -567,22 +567,17 @@ def _mask_rows(mask: torch.Tensor, row_hint: torch.Tensor, size, device) -> torc
     return m[row_hint % m.shape[0]]
 
 
-_BLOCK_IDS_CACHE: dict[int, dict] = {}
-
-
 def injection_block_ids(unet) -> dict:
-    """Input-block ids of the injection points of a ComfyUI UNet."""
-    key = id(unet)
-    ids = _BLOCK_IDS_CACHE.get(key)
-    if ids is None:
-        import comfy.ldm.modules.diffusionmodules.openaimodel as oai
+    """Input-block ids of the injection points of a ComfyUI UNet.
 
-        blocks = unet.input_blocks
-        level0 = next((i for i, b in enumerate(blocks) if any(isinstance(m, oai.Downsample) for m in b)),
-                      len(blocks) - 1)
-        ids = {"conv_in": 0, "level0": level0, "last_input": len(blocks) - 1}
-        _BLOCK_IDS_CACHE[key] = ids
-    return ids
+    Computed per call (a walk over a dozen blocks): a cache keyed by object id
+    could outlive the model and answer for another one."""
+    import comfy.ldm.modules.diffusionmodules.openaimodel as oai
+
+    blocks = unet.input_blocks
+    level0 = next((i for i, b in enumerate(blocks) if any(isinstance(m, oai.Downsample) for m in b)),
+                  len(blocks) - 1)
+    return {"conv_in": 0, "level0": level0, "last_input": len(blocks) - 1}
 
 
 # -- the functions registered on the model ----------------------------------------
