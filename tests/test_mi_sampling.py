@@ -14,6 +14,7 @@ import torch
 import comfy.controlnet
 import comfy.model_patcher
 import comfy.sample
+import comfy.samplers
 import nodes as comfy_nodes
 
 from balanced_control.model_patches import mi_control
@@ -288,6 +289,9 @@ def test_pixel_granularity_and_balance_map(tiny):
     assert torch.isfinite(out).all()
     rec = mi_control.find_balance_record(p)
     assert rec is not None and rec.settings.granularity == "pixel"
+    # Recorded on the last sampling step only (the one the map shows).
+    sigmas = comfy.samplers.calculate_sigmas(tiny["model"].model_sampling, "normal", 2)
+    assert rec.sigma == pytest.approx(float(sigmas[-2]), rel=1e-4)
     layer = rec.layers[-1]
     assert layer["weights"][0].shape[-2:] == layer["feature_magnitude"].shape[-2:]
     assert len(layer["controls"]) == 2 and layer["controls"][0] != layer["controls"][1]
