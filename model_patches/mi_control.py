@@ -153,7 +153,7 @@ class BalanceRecord:
     """What the last recorded model call did, per layer, for the balance map.
 
     ``layers`` is a list of dicts in UNet order:
-    ``{"layer": "input 3" | "middle" | "skip 5", "controls": [labels],
+    ``{"layer": "input 3" | "middle" | "output 5 skip", "controls": [labels],
     "weights": [fp32 (B,1,h,w) or (B,1,1,1)], "magnitudes": [fp32 (B,h,w)],
     "feature_magnitude": fp32 (B,h,w), "injected_magnitude": fp32 (B,h,w),
     "injection_lambda": fp32 (B,1,h,w) or (B,1,1,1)}``, all on the CPU, and
