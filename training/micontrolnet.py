@@ -53,6 +53,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "cost (default: 1, every step)")
     g.add_argument("--granularity", default="layer", choices=["layer", "pixel"],
                    help="add^inj coefficient per layer (paper) or per pixel; use the same at sampling (default: layer)")
+    g.add_argument("--plain-add-warmup-steps", type=int, default=-1,
+                   help="inject with a plain add (h + r) for the first N steps, then add^inj. add^inj gives a "
+                        "ControlNet with zero outputs no gradient (its coefficient is 0 at zero residuals), so a "
+                        "ControlNet initialised from the UNet needs this warm-up (default: 500 when initialising "
+                        "from the UNet, 0 with --init-controlnet)")
     g.add_argument("--max-lambda", type=float, default=20.0, help="clip of the add^inj coefficient (default: 20)")
 
     g = p.add_argument_group("data")
@@ -70,6 +75,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "without a segmentation map (weaker than real masks) (default: 12)")
     g.add_argument("--empty-prompt-prob", type=float, default=0.0,
                    help="fraction of samples trained with an empty prompt (default: 0)")
+    g.add_argument("--cache-latents", action="store_true",
+                   help="encode each target image with the VAE once and keep the latent in memory "
+                        "(images are only resized and centre-cropped, so latents do not change)")
     g.add_argument("--num-workers", type=int, default=0, help="data loading processes per rank (default: 0)")
 
     g = p.add_argument_group("optimisation")

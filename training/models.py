@@ -66,7 +66,8 @@ def detect_family(state_dict: dict, source: str) -> tuple[str, Any]:
     return SUPPORTED_FAMILIES[name], config
 
 
-def load_base_model(path: str | Path, expected_family: str | None = None) -> BaseModel:
+def load_base_model(path: str | Path, expected_family: str | None = None,
+                    dtype: torch.dtype | None = None) -> BaseModel:
     """Load a single-file SD1.5/SDXL checkpoint with ComfyUI's loader.
 
     The family is checked from the UNet keys before anything large is built, so
@@ -84,8 +85,11 @@ def load_base_model(path: str | Path, expected_family: str | None = None) -> Bas
             f"{path}: expected a {expected_family} checkpoint (--family {expected_family}), found {family}. "
             f"Pass a {expected_family} checkpoint or --family auto."
         )
+    # With a dtype ComfyUI stores the UNet in it and picks ops that cast
+    # weights per layer where the device cannot compute in it.
     patcher, clip, vae, _ = comfy.sd.load_state_dict_guess_config(
-        sd, output_vae=True, output_clip=True, metadata=metadata)
+        sd, output_vae=True, output_clip=True, metadata=metadata,
+        model_options={"dtype": dtype} if dtype is not None else {})
     if clip is None or vae is None:
         raise ValueError(f"{path}: the checkpoint has no text encoder or VAE; training needs a full "
                          f"single-file checkpoint (UNet, text encoder and VAE).")
@@ -223,14 +227,22 @@ def unwrap(module: torch.nn.Module) -> torch.nn.Module:
 # gradient checkpointing
 # --------------------------------------------------------------------------
 
+def _has_tangent(args) -> bool:
+    import torch.autograd.forward_ad as fwAD
+
+    return any(isinstance(a, torch.Tensor) and fwAD.unpack_dual(a).tangent is not None for a in args)
+
+
 def enable_gradient_checkpointing(module: torch.nn.Module) -> int:
     """Recompute the activations of every ResBlock and SpatialTransformer in the
     backward pass instead of storing them.
 
     ComfyUI dispatches on the layer classes inside its blocks, so the layers
     are not wrapped; their bound ``forward`` is replaced on the instance.
-    Non-reentrant checkpointing is used: it supports double backward and
-    forward-mode AD, which the conservativity loss needs. Returns the count."""
+    Non-reentrant checkpointing is used (it supports double backward). Blocks
+    that carry forward-mode tangents in stage-2 steps are not recomputed, so
+    checkpointing saves memory in stage 1 and in the UNet encoder. Returns
+    the number of blocks."""
     import functools
 
     import torch.utils.checkpoint as tuc
@@ -244,7 +256,10 @@ def enable_gradient_checkpointing(module: torch.nn.Module) -> int:
 
             @functools.wraps(inner)
             def forward(*args, _inner=inner, **kwargs):
-                if not torch.is_grad_enabled():
+                # Blocks carrying a forward-mode tangent (the L_QC pass) run
+                # normally: the recomputation in backward happens after the
+                # dual level closed and would not see the tangents.
+                if not torch.is_grad_enabled() or _has_tangent(args):
                     return _inner(*args, **kwargs)
                 return tuc.checkpoint(_inner, *args, use_reentrant=False, **kwargs)
 

@@ -56,17 +56,23 @@ class Batch:
                        (self.latents, self.hint, self.context, self.y, self.noise, self.timestep_index, self.probe)))
 
 
-def injection_options(granularity: str = "layer", max_lambda: float = 20.0) -> dict:
+def injection_options(granularity: str = "layer", max_lambda: float = 20.0, mode: str = "micontrolnet") -> dict:
     """A fresh transformer_options dict for one model call, with the balance
-    settings the sampler would find (mode micontrolnet, no balance record)."""
+    settings the sampler would find (no balance record). ``mode`` is
+    ``micontrolnet`` (add^inj) or ``vanilla`` (plain add, for the warm-up)."""
     mi = mi_control()
     return {"cond_or_uncond": [0],
-            mi.SETTINGS_KEY: mi.settings_dict("micontrolnet", granularity, max_lambda, record_balance=False)}
+            mi.SETTINGS_KEY: mi.settings_dict(mode, granularity, max_lambda, record_balance=False)}
+
+
+def unet_dtype(model) -> torch.dtype:
+    """The dtype ComfyUI feeds the UNet (BaseModel._apply_model casts to it)."""
+    return model.manual_cast_dtype or model.get_dtype()
 
 
 def controlled_eps(model, cnet, x_unet: torch.Tensor, x_control: torch.Tensor, timestep: torch.Tensor,
                    context: torch.Tensor, y: torch.Tensor | None, hint: torch.Tensor,
-                   granularity: str = "layer", max_lambda: float = 20.0) -> torch.Tensor:
+                   granularity: str = "layer", max_lambda: float = 20.0, mode: str = "micontrolnet") -> torch.Tensor:
     """UNet output with the ControlNet's residuals injected by add^inj.
 
     ``x_unet`` and ``x_control`` are the scaled model inputs the UNet and the
@@ -74,9 +80,11 @@ def controlled_eps(model, cnet, x_unet: torch.Tensor, x_control: torch.Tensor, t
     carry a forward-mode tangent for L_QC)."""
     mi = mi_control()
     residuals = cnet(x=x_control, hint=hint, timesteps=timestep, context=context, y=y)
-    options = injection_options(granularity, max_lambda)
+    options = injection_options(granularity, max_lambda, mode)
     mi.BalancedInjection.for_call(options).add(TRAINING_LABEL, residuals, None)
-    return model.diffusion_model(x_unet, timestep, context=context, y=y, control=None, transformer_options=options)
+    dtype = unet_dtype(model)
+    return model.diffusion_model(x_unet.to(dtype), timestep, context=context.to(dtype),
+                                 y=None if y is None else y.to(dtype), control=None, transformer_options=options)
 
 
 def noisy_inputs(model, batch: Batch):
@@ -104,7 +112,7 @@ def jacobian_probes(f, x: torch.Tensor, v: torch.Tensor, create_graph: bool = Tr
     """(f(x), J v, Jᵀ v) of ``f`` at ``x``: one forward-mode and one reverse-mode
     product. With ``create_graph`` both products stay differentiable with
     respect to the parameters inside ``f``."""
-    x = x.detach().requires_grad_(True)
+    x = x.detach().contiguous().requires_grad_(True)
     with fwAD.dual_level():
         out_dual = f(fwAD.make_dual(x, v.to(x.dtype)))
         out, jv = fwAD.unpack_dual(out_dual)
@@ -170,7 +178,7 @@ def training_attention(forward_mode: bool = False):
 
 
 def loss_terms(model, cnet, batch: Batch, qc_weight: float = 0.0, granularity: str = "layer",
-               max_lambda: float = 20.0, autocast=None) -> dict:
+               max_lambda: float = 20.0, autocast=None, mode: str = "micontrolnet") -> dict:
     """Per-row diffusion loss (ε-MSE) and, when ``qc_weight > 0`` and the batch
     has probes, per-row L_QC^simple. Returns fp32 per-row tensors ``task``,
     ``qc`` (zeros when off) and ``total`` = task + qc_weight·qc."""
@@ -184,7 +192,7 @@ def loss_terms(model, cnet, batch: Batch, qc_weight: float = 0.0, granularity: s
     if not use_qc:
         with autocast:
             eps = controlled_eps(model, cnet, x_in, x_in, timestep, batch.context, batch.y, batch.hint,
-                                 granularity, max_lambda)
+                                 granularity, max_lambda, mode)
         task = per_row_mse(eps, batch.noise)
         return {"task": task, "qc": torch.zeros_like(task), "total": task}
 
@@ -193,9 +201,11 @@ def loss_terms(model, cnet, batch: Batch, qc_weight: float = 0.0, granularity: s
     def through_controlnet(x_noisy_probe):
         # d/dx of the ControlNet's input, c_in·x: the probe enters as c_in·v.
         return controlled_eps(model, cnet, x_unet, ms.calculate_input(sigma, x_noisy_probe), timestep,
-                              batch.context, batch.y, batch.hint, granularity, max_lambda)
+                              batch.context, batch.y, batch.hint, granularity, max_lambda, mode)
 
-    with autocast, training_attention(forward_mode=True):
+    # No autocast here: autocast casts primals but not forward-mode tangents
+    # (conv(tangent fp32, weight bf16) fails), and second-order terms want fp32.
+    with training_attention(forward_mode=True):
         eps, jv, jtv = jacobian_probes(through_controlnet, x_noisy, batch.probe)
     task = per_row_mse(eps, batch.noise)
     qc = qc_per_row(jv, jtv)

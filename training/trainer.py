@@ -32,6 +32,7 @@ class MIControlNetTrainer:
         self.output = Path(args.output)
         self.store = engine.CheckpointStore(self.output / "checkpoints", args.keep_checkpoints)
         self._text_cache: dict[str, tuple] = {}
+        self._latent_cache: dict[int, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ setup
     def _setup(self):
@@ -39,7 +40,7 @@ class MIControlNetTrainer:
 
         a, dist = self.args, self.dist
         engine.seed_everything(a.seed, a.deterministic)
-        self.base = models.load_base_model(a.base, a.family)
+        self.base = models.load_base_model(a.base, a.family, engine.PRECISIONS[a.mixed_precision])
         if dist.main:
             log.info("base checkpoint: %s (%s)", a.base, self.base.family)
         report = data.scan_dataset(a.data, need_condition=a.condition == "file")
@@ -65,6 +66,12 @@ class MIControlNetTrainer:
             if dist.main:
                 log.info("ControlNet: encoder copied from the base UNet, zero convolutions zeroed")
 
+        if a.plain_add_warmup_steps < 0:
+            # add^inj has zero gradient at zero residuals (λ = 0 there), so a
+            # ControlNet with zeroed outputs first learns with a plain add.
+            a.plain_add_warmup_steps = 0 if a.init_controlnet else 500
+        if dist.main and a.plain_add_warmup_steps:
+            log.info("the first %d steps inject with a plain add, then add^inj", a.plain_add_warmup_steps)
         self.start_step = 0
         resume_state = None
         if a.resume:
@@ -77,8 +84,7 @@ class MIControlNetTrainer:
                 log.info("resuming from %s (step %d)", ckpt, self.start_step)
 
         device = dist.device
-        precision = engine.PRECISIONS[a.mixed_precision]
-        self.base.unet.to(device=device, dtype=precision or torch.float32)
+        self.base.unet.to(device=device)
         cnet = cnet.to(device=device, dtype=torch.float32)  # fp32 master weights
         if a.gradient_checkpointing:
             n = models.enable_gradient_checkpointing(cnet) + models.enable_gradient_checkpointing(self.base.unet)
@@ -128,12 +134,27 @@ class MIControlNetTrainer:
                 self._text_cache[prompt] = hit
         return hit
 
+    def _latents(self, items: dict) -> torch.Tensor:
+        """VAE latents of the target images; with --cache-latents each sample is
+        encoded once (images are deterministic: resize and centre crop only)."""
+        model, vae = self.base.model, self.base.vae
+        if not self.args.cache_latents:
+            with torch.no_grad():
+                return model.process_latent_in(vae.encode(items["image"]).float())
+        cache = self._latent_cache
+        todo = [i for i, idx in enumerate(items["index"]) if idx not in cache]
+        if todo:
+            with torch.no_grad():
+                fresh = model.process_latent_in(vae.encode(items["image"][todo]).float())
+            for i, z in zip(todo, fresh):
+                cache[items["index"][i]] = z.cpu()
+        return torch.stack([cache[idx] for idx in items["index"]])
+
     def _batch(self, items: dict, probes: bool):
         from .objectives import Batch
 
         device, model = self.dist.device, self.base.model
-        with torch.no_grad():
-            latents = model.process_latent_in(self.base.vae.encode(items["image"]).float()).to(device)
+        latents = self._latents(items).to(device)
         texts = [self._text(p) for p in items["prompt"]]
         context = torch.cat([c for c, _ in texts]).to(device)
         y = None
@@ -178,7 +199,8 @@ class MIControlNetTrainer:
                     with ctx:
                         terms = objectives.loss_terms(self.base.model, self.cnet, batch,
                                                       a.qc_weight if use_qc else 0.0, a.granularity,
-                                                      a.max_lambda, autocast)
+                                                      a.max_lambda, autocast,
+                                                      "vanilla" if step < a.plain_add_warmup_steps else "micontrolnet")
                         loss = terms["total"].mean() / a.gradient_accumulation
                         self.scaler.scale(loss).backward()
                     for k in sums:
