@@ -376,3 +376,32 @@ def test_wrong_family_base_checkpoint_fails_at_start(tmp_path, small_sd15_files)
     cn = small_sd15_files["controlnets"][0]
     with pytest.raises(models.WrongFamilyError, match="no diffusion-model weights"):
         models.load_base_model(cn)
+
+
+# --- eval ------------------------------------------------------------------------------------------
+
+def test_eval_metrics_measure_what_they_claim(tmp_path, tiny):
+    from training import evaluate
+
+    flat = np.full((32, 32, 3), 0.5)
+    noisy = flat + np.random.default_rng(0).uniform(-0.2, 0.2, flat.shape)
+    silent = np.zeros((32, 32), bool)
+    silent[:, :16] = True
+    assert evaluate.total_variation(flat, silent) == 0
+    assert evaluate.total_variation(noisy, silent) > 0.05
+    # Canny of an image that is its own edge map: cycle consistency is ~perfect.
+    cond = np.zeros((64, 64, 3))
+    cond[20:44, 20:44] = 1.0
+    edges = data.canny((cond * 255).astype(np.uint8))[..., :] / 255.0
+    region = np.ones((64, 64), bool)
+    assert evaluate.canny_l1(cond, edges, region) < evaluate.canny_l1(flat.repeat(2, 0).repeat(2, 1), edges, region)
+
+    # Asym: zero for a ControlNet with zero outputs, positive for a trained one.
+    model = tiny["model"]
+    batch = make_batch(b=1, seed=11)
+    for name, positive in (("fresh", False), ("trained", True)):
+        levels = evaluate.asym_metric(model, tiny[name], batch.hint, batch.context, batch=2, levels=2)
+        assert len(levels) == 2
+        assert all((lv["asym"] > 0) if positive else (lv["asym"] == 0) for lv in levels), levels
+    evaluate.bar_chart({"asym": 1.0, "tv_silent": 0.5}, tmp_path / "c.png")
+    assert Image.open(tmp_path / "c.png").size[0] > 100
