@@ -117,7 +117,9 @@ def test_two_gloo_ranks_equal_one_rank_with_the_same_global_batch(runs):
     b = safetensors.torch.load_file(str(runs["reference"] / "micontrolnet.safetensors"))
     moved = max(float((b[k] - a[k]).abs().max()) for k in a)
     update = max(float(b[k].abs().max()) for k in b if k.startswith("zero_convs."))
-    assert moved < 1e-2 * update, (moved, update)
+    # Adam divides by the gradient scale, so float-rounding differences of the
+    # all-reduce show up at about 1% of the update; a different batch would be ~100%.
+    assert moved < 5e-2 * update, (moved, update)
 
 
 def test_trained_controlnet_samples_through_the_node_in_comfyui(runs, tmp_path, small_sd15_files):
