@@ -6,6 +6,22 @@ import sys
 SUBCOMMANDS: dict = {}
 
 
+def _register():
+    # Heavy modules (torch, ComfyUI) are imported by each subcommand's run(),
+    # so --help answers at once.
+    from . import micontrolnet
+
+    SUBCOMMANDS["micontrolnet"] = (micontrolnet.HELP, micontrolnet.add_arguments, micontrolnet.run)
+    try:
+        from . import evaluate
+    except ImportError:  # pragma: no cover - evaluate ships with the package
+        return
+    SUBCOMMANDS["eval"] = (evaluate.HELP, evaluate.add_arguments, evaluate.run)
+
+
+_register()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m training",

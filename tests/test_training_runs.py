@@ -1,0 +1,143 @@
+"""``python -m training micontrolnet`` as users run it: subprocesses on a small
+SD1.5-family checkpoint. One uninterrupted reference run; a run killed with
+SIGKILL after a checkpoint and resumed must log the same losses; a 2-rank gloo
+run (torchrun) with the same global batch must reach the same weights; the
+trained file must sample through MIControlNetApply in ComfyUI's server."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+
+from headless import synthetic
+from headless.runtime import REPO
+from headless.server import ComfyServer, copy_model
+from training import engine
+
+from test_training import write_dataset
+
+STEPS = 6
+
+
+def common_args(base, data, out):
+    return ["--base", str(base), "--data", str(data), "--output", str(out), "--condition", "canny",
+            "--resolution", "64", "--max-steps", str(STEPS), "--checkpoint-every", "2", "--stage", "2",
+            "--qc-every", "3", "--plain-add-warmup-steps", "2", "--learning-rate", "1e-4", "--seed", "1",
+            "--cache-latents", "--save-dtype", "fp32", "--no-progress", "--validate-every", str(STEPS),
+            "--validation-steps", "2"]
+
+
+def env():
+    return dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+
+
+def train(args, log: Path, torchrun_ranks: int = 0, timeout=600):
+    if torchrun_ranks:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(torchrun_ranks),
+               "--master_port", str(_free_port()), "-m", "training", "micontrolnet", *args]
+    else:
+        cmd = [sys.executable, "-m", "training", "micontrolnet", *args]
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env(), timeout=timeout)
+    assert proc.returncode == 0, log.read_text()[-4000:]
+
+
+def _free_port():
+    from headless.server import free_port
+
+    return free_port()
+
+
+def losses(out: Path):
+    return [(int(r["step"]), r["loss"], r["qc_loss"]) for r in engine.read_csv_log(out / "log.csv")]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, small_sd15_files):
+    root = tmp_path_factory.mktemp("train")
+    data = write_dataset(root / "data", n=4)
+    base = small_sd15_files["checkpoint"]
+    ref = root / "reference"
+    train(common_args(base, data, ref) + ["--batch-size", "2"], root / "reference.log")
+    return {"root": root, "data": data, "base": base, "reference": ref}
+
+
+def test_reference_run_outputs(runs):
+    ref = runs["reference"]
+    rows = losses(ref)
+    assert [r[0] for r in rows] == list(range(1, STEPS + 1))
+    # L_QC ran on steps 1 and 4 (qc-every 3) and is part of the loss there.
+    assert float(rows[3][2]) != 0 and float(rows[1][2]) == 0
+    assert sorted(p.name for p in (ref / "checkpoints").iterdir()) == ["step-00000002", "step-00000004", "step-00000006"]
+    assert (ref / "validation" / f"step-{STEPS:08d}.png").is_file()
+    sd = safetensors.torch.load_file(str(ref / "micontrolnet.safetensors"))
+    expected = set(synthetic.controlnet_state_dict(synthetic.SD15_UNET_SMALL))
+    assert set(sd) == expected  # ControlNet v1.1 (ldm) keys, nothing else
+    assert any(sd[k].abs().max() > 0 for k in sd if k.startswith("zero_convs."))  # it trained
+
+
+def test_sigkill_and_resume_gives_identical_losses(runs):
+    out = runs["root"] / "killed"
+    args = common_args(runs["base"], runs["data"], out) + ["--batch-size", "2"]
+    log = open(runs["root"] / "killed.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "training", "micontrolnet", *args], cwd=REPO, stdout=log,
+                            stderr=subprocess.STDOUT, env=env())
+    first = out / "checkpoints" / "step-00000002" / "state.json"
+    deadline = time.time() + 300
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    log.close()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (out / "micontrolnet.safetensors").exists()
+    train(args + ["--resume", "latest"], runs["root"] / "resumed.log")
+    assert losses(out) == losses(runs["reference"])
+    a = safetensors.torch.load_file(str(out / "micontrolnet.safetensors"))
+    b = safetensors.torch.load_file(str(runs["reference"] / "micontrolnet.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_gloo_ranks_equal_one_rank_with_the_same_global_batch(runs):
+    out = runs["root"] / "ddp"
+    train(common_args(runs["base"], runs["data"], out) + ["--batch-size", "1"], runs["root"] / "ddp.log",
+          torchrun_ranks=2)
+    one, two = losses(runs["reference"]), losses(out)
+    assert [r[0] for r in two] == [r[0] for r in one]
+    for (_, l1, q1), (_, l2, q2) in zip(one, two):
+        assert float(l2) == pytest.approx(float(l1), rel=1e-4, abs=1e-6)
+    a = safetensors.torch.load_file(str(out / "micontrolnet.safetensors"))
+    b = safetensors.torch.load_file(str(runs["reference"] / "micontrolnet.safetensors"))
+    moved = max(float((b[k] - a[k]).abs().max()) for k in a)
+    update = max(float(b[k].abs().max()) for k in b if k.startswith("zero_convs."))
+    # Adam divides by the gradient scale, so float-rounding differences of the
+    # all-reduce show up at about 1% of the update; a different batch would be ~100%.
+    assert moved < 5e-2 * update, (moved, update)
+
+
+def test_trained_controlnet_samples_through_the_node_in_comfyui(runs, tmp_path, small_sd15_files):
+    base = tmp_path / "comfy"
+    ckpt = copy_model(small_sd15_files["checkpoint"], base / "models" / "checkpoints", "small-sd15.safetensors")
+    trained = copy_model(runs["reference"] / "micontrolnet.safetensors", base / "models" / "controlnet",
+                         "trained-micontrolnet.safetensors")
+    (base / "input").mkdir(parents=True, exist_ok=True)
+    for img in (REPO / "example_workflows" / "inputs").glob("*.png"):
+        (base / "input" / img.name).write_bytes(img.read_bytes())
+    prompt = json.loads((REPO / "example_workflows" / "api" / "micontrolnet_two_controls.json").read_text())
+    prompt["1"]["inputs"]["ckpt_name"] = ckpt
+    prompt["4"]["inputs"]["control_net_name"] = trained
+    prompt["5"]["inputs"]["control_net_name"] = trained
+    prompt["11"]["inputs"].update(width=64, height=64)
+    prompt["12"]["inputs"]["steps"] = 2
+    with ComfyServer(base, extra_args=["--cache-none"]) as server:
+        entry = server.run(prompt)
+        images = server.output_images(entry)
+        assert images["14"], server.log_tail()
+        assert "missing controlnet keys" not in server.log_text()

@@ -1,0 +1,150 @@
+"""``python -m training micontrolnet``: train a Minimal Impact ControlNet.
+
+Stage 1 trains on silent-signal rebalanced data through add^inj; stage 2
+adds the conservativity loss L_QC^simple. The output is a ControlNet v1.1
+(ldm) safetensors file that ComfyUI's ControlNetLoader and the
+MIControlNetApply node load as is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+from pathlib import Path
+
+HELP = "train a MIControlNet (stage 1: balanced data through add^inj; stage 2: + conservativity loss)"
+
+DESCRIPTION = """\
+Train a Minimal Impact ControlNet on a base SD1.5 or SDXL checkpoint.
+
+Stage 1: every sample keeps its target image whole, while (with probability
+--rebalance-prob) a random subset of the segmentation regions keeps the
+condition and the rest of the condition becomes silent (black), so the
+ControlNet learns that silent areas may hold texture. The residuals are
+injected with add^inj exactly as the MIControlNetApply node does at sampling.
+
+Stage 2 (--stage 2) adds L_QC^simple = E_v vT(Jc JcT - Jc Jc)v, the Hutchinson
+estimate of the asymmetry of the ControlNet-induced Jacobian, weighted by
+--qc-weight. Start stage 2 from a stage-1 result with --init-controlnet.
+
+Multi-GPU / multi-node: start with torchrun, e.g.
+  torchrun --nproc_per_node 8 -m training micontrolnet ...
+--batch-size is per rank; the global batch is batch-size x ranks x
+--gradient-accumulation. See docs/training.md for the data layout.
+"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.description = DESCRIPTION
+    g = p.add_argument_group("model")
+    g.add_argument("--base", required=True, help="single-file SD1.5 or SDXL checkpoint (.safetensors) to train on; "
+                   "its UNet, text encoder and VAE stay frozen")
+    g.add_argument("--family", default="auto", choices=["auto", "sd1.5", "sdxl"],
+                   help="expected family of --base; the run stops at start if the checkpoint is another (default: auto)")
+    g.add_argument("--init-controlnet", default=None, metavar="FILE",
+                   help="start from this ControlNet (v1.1 ldm or diffusers file, e.g. a ControlNet v1.1 or a "
+                        "stage-1 result) instead of copying the base UNet's encoder")
+    g.add_argument("--stage", type=int, default=1, choices=[1, 2], help="1: rebalanced data + add^inj; "
+                   "2: stage 1 plus the conservativity loss (default: 1)")
+    g.add_argument("--qc-weight", type=float, default=0.01, help="weight of L_QC^simple in stage 2 (default: 0.01)")
+    g.add_argument("--qc-every", type=int, default=1, help="compute L_QC on every k-th step only, to amortise its "
+                   "cost (default: 1, every step)")
+    g.add_argument("--granularity", default="layer", choices=["layer", "pixel"],
+                   help="add^inj coefficient per layer (paper) or per pixel; use the same at sampling (default: layer)")
+    g.add_argument("--plain-add-warmup-steps", type=int, default=-1,
+                   help="inject with a plain add (h + r) for the first N steps, then add^inj. add^inj gives a "
+                        "ControlNet with zero outputs no gradient (its coefficient is 0 at zero residuals), so a "
+                        "ControlNet initialised from the UNet needs this warm-up (default: 500 when initialising "
+                        "from the UNet, 0 with --init-controlnet)")
+    g.add_argument("--max-lambda", type=float, default=20.0, help="clip of the add^inj coefficient (default: 20)")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data", required=True, help="dataset folder (images/, conditions/, segmentation/) or JSONL file")
+    g.add_argument("--condition", default="file", choices=["file", "canny"],
+                   help="condition images from the dataset, or canny edges computed on the fly (default: file)")
+    g.add_argument("--canny-low", type=int, default=100, help="canny lower threshold (default: 100)")
+    g.add_argument("--canny-high", type=int, default=200, help="canny upper threshold (default: 200)")
+    g.add_argument("--resolution", type=int, default=512, help="training resolution, divisible by 64 (default: 512)")
+    g.add_argument("--rebalance-prob", type=float, default=0.5,
+                   help="fraction of samples whose condition is partly silenced (default: 0.5)")
+    g.add_argument("--keep-prob", type=float, default=0.5,
+                   help="probability that a region keeps its condition in a rebalanced sample (default: 0.5)")
+    g.add_argument("--superpixels", type=int, default=12, help="SLIC superpixels used as regions for samples "
+                   "without a segmentation map (weaker than real masks) (default: 12)")
+    g.add_argument("--empty-prompt-prob", type=float, default=0.0,
+                   help="fraction of samples trained with an empty prompt (default: 0)")
+    g.add_argument("--cache-latents", action="store_true",
+                   help="encode each target image with the VAE once and keep the latent in memory "
+                        "(images are only resized and centre-cropped, so latents do not change)")
+    g.add_argument("--num-workers", type=int, default=0, help="data loading processes per rank (default: 0)")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--max-steps", type=int, default=1000, help="optimizer steps to train to (default: 1000)")
+    g.add_argument("--batch-size", type=int, default=1, help="samples per rank per micro-step (default: 1)")
+    g.add_argument("--gradient-accumulation", type=int, default=1, help="micro-steps per optimizer step (default: 1)")
+    g.add_argument("--learning-rate", type=float, default=1e-5, help="AdamW learning rate (default: 1e-5)")
+    g.add_argument("--lr-warmup-steps", type=int, default=0, help="linear warm-up steps (default: 0)")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: 0)")
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm, 0 = off (default: 1)")
+    g.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"],
+                   help="compute precision; the frozen UNet is cast to it, the trained ControlNet stays fp32 "
+                        "(fp16 adds loss scaling) (default: no)")
+    g.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute activations in backward to save memory (ControlNet and UNet blocks)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the whole run (data order, noise, masks) (default: 0)")
+    g.add_argument("--deterministic", action="store_true", help="use deterministic kernels (slower on GPU)")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto; ranks use their LOCAL_RANK GPU)")
+
+    g = p.add_argument_group("output")
+    g.add_argument("--output", required=True, help="output folder: checkpoints/, log.csv, validation/, NAME.safetensors")
+    g.add_argument("--name", default="micontrolnet", help="file name of the final ControlNet (default: micontrolnet)")
+    g.add_argument("--save-dtype", default="fp16", choices=["fp16", "bf16", "fp32"],
+                   help="dtype of the exported ControlNet file (default: fp16)")
+    g.add_argument("--checkpoint-every", type=int, default=500, help="write a resumable checkpoint every N steps "
+                   "(default: 500; one is always written at the end)")
+    g.add_argument("--keep-checkpoints", type=int, default=3, help="resumable checkpoints to keep (default: 3)")
+    g.add_argument("--resume", default=None, metavar="latest|DIR",
+                   help="continue from the newest checkpoint in OUTPUT/checkpoints, or from a checkpoint folder")
+    g.add_argument("--validate-every", type=int, default=0, help="sample validation images every N steps, 0 = off")
+    g.add_argument("--validation-image", default=None, help="condition image for validation (default: the first "
+                   "sample's full condition)")
+    g.add_argument("--validation-prompt", default=None, help="prompt for validation (default: the first sample's)")
+    g.add_argument("--validation-steps", type=int, default=20, help="sampling steps of validation (default: 20)")
+    g.add_argument("--validation-cfg", type=float, default=7.0, help="CFG scale of validation (default: 7)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar (the CSV log is still written)")
+
+
+def run(args) -> int:
+    from .trainer import MIControlNetTrainer
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _check_args(args)
+    return MIControlNetTrainer(args).train()
+
+
+def _check_args(args) -> None:
+    problems = []
+    if args.resolution % 64:
+        problems.append(f"--resolution must be divisible by 64, got {args.resolution}")
+    for name in ("max_steps", "batch_size", "gradient_accumulation", "qc_every"):
+        if getattr(args, name) < 1:
+            problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("rebalance_prob", "keep_prob", "empty_prompt_prob"):
+        v = getattr(args, name)
+        if not 0.0 <= v <= 1.0:
+            problems.append(f"--{name.replace('_', '-')} must be in [0, 1], got {v}")
+    if args.checkpoint_every < 1:
+        problems.append(f"--checkpoint-every must be >= 1, got {args.checkpoint_every}")
+    if problems:
+        raise SystemExit("training micontrolnet: " + "; ".join(problems))
+
+
+def lr_at(step: int, base_lr: float, warmup: int) -> float:
+    if warmup <= 0:
+        return base_lr
+    return base_lr * min(1.0, (step + 1) / warmup)
+
+
+__all__ = ["HELP", "add_arguments", "run", "lr_at", "math"]

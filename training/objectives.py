@@ -1,0 +1,216 @@
+"""Forward pass through add^inj, the diffusion loss and the conservativity loss.
+
+The ControlNet's residuals reach the UNet through ``BalancedInjection`` of
+``model_patches.mi_control``: the object ComfyUI's sampler uses when a
+MIControlNetApply control runs. It registers the same ``output_block_patch``
+(middle output and skip features, add^inj per layer) on the call's
+``transformer_options``, so the training forward is the sampling forward.
+
+Noise, timesteps and scaling come from the checkpoint's own ComfyUI
+``model_sampling`` (``noise_scaling``, ``calculate_input``, ``timestep``).
+
+Conservativity (stage 2). With ``r(x)`` the ControlNet residuals and ``D`` the
+Jacobian of the UNet output with respect to the residuals, the
+ControlNet-induced Jacobian is ``J_c = D ∂r/∂x``: the part of ∂ε/∂x that flows
+through the ControlNet. The loss is
+
+    L_QC^simple = E_v[ vᵀ J_c J_cᵀ v − vᵀ J_c J_c v ] = tr(J_c J_cᵀ) − tr(J_c J_c),
+
+which is ‖J_c − J_cᵀ‖²_F / 2: zero exactly when the ControlNet's contribution
+to the score is conservative. One Rademacher probe ``v`` per row gives the
+unbiased Hutchinson estimate ``‖J_cᵀv‖² − ⟨J_cᵀv, J_c v⟩``, from one
+forward-mode pass (J_c v, in the same forward that gives the diffusion loss)
+and one reverse-mode pass (J_cᵀ v, with a graph so that the loss can be
+differentiated). Only the ControlNet input carries the probe and only the
+ControlNet parameters require grad, so both products are restricted to the
+ControlNet path and the loss is differentiated w.r.t. the ControlNet only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.autograd.forward_ad as fwAD
+
+from .runtime import mi_control
+
+TRAINING_LABEL = "training"
+
+
+@dataclass
+class Batch:
+    """One micro-batch on the training device. Rows are independent samples."""
+
+    latents: torch.Tensor            # (B, 4, h, w) model-space latents (after latent_format.process_in)
+    hint: torch.Tensor               # (B, C, 8h, 8w) control image in [0, 1]
+    context: torch.Tensor            # (B, T, D) text embeddings
+    y: torch.Tensor | None           # (B, adm) SDXL class embedding, None for SD1.5
+    noise: torch.Tensor              # (B, 4, h, w)
+    timestep_index: torch.Tensor     # (B,) long, index into model_sampling.sigmas
+    probe: torch.Tensor | None = None  # (B, 4, h, w) Rademacher v for L_QC
+
+    def to(self, device) -> "Batch":
+        return Batch(*(t.to(device) if isinstance(t, torch.Tensor) else t for t in
+                       (self.latents, self.hint, self.context, self.y, self.noise, self.timestep_index, self.probe)))
+
+
+def injection_options(granularity: str = "layer", max_lambda: float = 20.0, mode: str = "micontrolnet") -> dict:
+    """A fresh transformer_options dict for one model call, with the balance
+    settings the sampler would find (no balance record). ``mode`` is
+    ``micontrolnet`` (add^inj) or ``vanilla`` (plain add, for the warm-up)."""
+    mi = mi_control()
+    return {"cond_or_uncond": [0],
+            mi.SETTINGS_KEY: mi.settings_dict(mode, granularity, max_lambda, record_balance=False)}
+
+
+def unet_dtype(model) -> torch.dtype:
+    """The dtype ComfyUI feeds the UNet (BaseModel._apply_model casts to it)."""
+    return model.manual_cast_dtype or model.get_dtype()
+
+
+def controlled_eps(model, cnet, x_unet: torch.Tensor, x_control: torch.Tensor, timestep: torch.Tensor,
+                   context: torch.Tensor, y: torch.Tensor | None, hint: torch.Tensor,
+                   granularity: str = "layer", max_lambda: float = 20.0, mode: str = "micontrolnet") -> torch.Tensor:
+    """UNet output with the ControlNet's residuals injected by add^inj.
+
+    ``x_unet`` and ``x_control`` are the scaled model inputs the UNet and the
+    ControlNet get (the same tensor in plain training; the ControlNet's may
+    carry a forward-mode tangent for L_QC)."""
+    mi = mi_control()
+    residuals = cnet(x=x_control, hint=hint, timesteps=timestep, context=context, y=y)
+    options = injection_options(granularity, max_lambda, mode)
+    mi.BalancedInjection.for_call(options).add(TRAINING_LABEL, residuals, None)
+    dtype = unet_dtype(model)
+    return model.diffusion_model(x_unet.to(dtype), timestep, context=context.to(dtype),
+                                 y=None if y is None else y.to(dtype), control=None, transformer_options=options)
+
+
+def noisy_inputs(model, batch: Batch):
+    """(sigma, x_noisy) with ComfyUI's noise scaling for the checkpoint's schedule."""
+    ms = model.model_sampling
+    sigma = ms.sigmas.to(batch.latents.device)[batch.timestep_index].to(torch.float32)
+    x_noisy = ms.noise_scaling(sigma, batch.noise, batch.latents)
+    return sigma, x_noisy
+
+
+def per_row_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (pred.float() - target.float()).square().flatten(1).mean(1)
+
+
+def qc_per_row(jv: torch.Tensor, jtv: torch.Tensor) -> torch.Tensor:
+    """Hutchinson estimate of tr(J Jᵀ) − tr(J J) per row, divided by the row's
+    element count (the diffusion loss is a mean over elements too, so the
+    loss weight does not depend on the resolution). fp32."""
+    a = jv.float().flatten(1)
+    b = jtv.float().flatten(1)
+    return (b.square().sum(1) - (b * a).sum(1)) / a.shape[1]
+
+
+def jacobian_probes(f, x: torch.Tensor, v: torch.Tensor, create_graph: bool = True):
+    """(f(x), J v, Jᵀ v) of ``f`` at ``x``: one forward-mode and one reverse-mode
+    product. With ``create_graph`` both products stay differentiable with
+    respect to the parameters inside ``f``."""
+    x = x.detach().contiguous().requires_grad_(True)
+    with fwAD.dual_level():
+        out_dual = f(fwAD.make_dual(x, v.to(x.dtype)))
+        out, jv = fwAD.unpack_dual(out_dual)
+    if jv is None:  # f does not depend on x along this path
+        jv = torch.zeros_like(out)
+    (jtv,) = torch.autograd.grad(out, x, v.to(out.dtype), create_graph=create_graph, allow_unused=True)
+    if jtv is None:
+        jtv = torch.zeros_like(x)
+    return out, jv, jtv
+
+
+def explicit_softmax_attention(q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False,
+                               skip_output_reshape=False, **kwargs):
+    """Attention with the same calling convention as ComfyUI's
+    ``attention_pytorch``, written with exp and sum.
+
+    Needed for L_QC, which differentiates a forward-mode product: the fused
+    SDPA kernels have no forward-mode AD, and torch's own softmax jvp breaks
+    when it is differentiated again (it saves an output it later modifies in
+    place). Mathematically it is softmax(q kᵀ/√d) v, computed in fp32."""
+    if skip_reshape:
+        b, _, _, dim_head = q.shape
+    else:
+        b, _, inner = q.shape
+        dim_head = inner // heads
+        q, k, v = (t.view(b, -1, heads, dim_head).transpose(1, 2) for t in (q, k, v))
+    scores = (q.float() @ k.float().transpose(-1, -2)) * (dim_head ** -0.5)
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        else:
+            scores = scores + mask.float()
+    # The max shift is a constant for the derivative (softmax is shift invariant).
+    e = (scores - scores.amax(-1, keepdim=True).detach()).exp()
+    out = ((e / e.sum(-1, keepdim=True)) @ v.float()).to(v.dtype)
+    if skip_output_reshape:
+        return out
+    return out.transpose(1, 2).reshape(b, -1, heads * dim_head)
+
+
+@contextlib.contextmanager
+def training_attention(forward_mode: bool = False):
+    """Run ComfyUI's attention through a differentiable implementation.
+
+    ComfyUI picks its attention per machine: on CPU sub-quadratic attention,
+    which exponentiates in place (no backward through it), elsewhere SDPA,
+    xformers or sage (no double backward or forward-mode AD for the fused
+    kernels). Training uses ``attention_pytorch`` (SDPA) for plain steps and
+    ``explicit_softmax_attention`` when forward-mode products are taken.
+    ComfyUI's CrossAttention looks the function up in its module at call time
+    and the ControlNet's blocks get no transformer_options to override it, so
+    the module attribute is swapped for the duration and restored after."""
+    import comfy.ldm.modules.attention as attention
+
+    impl = explicit_softmax_attention if forward_mode else attention.attention_pytorch
+    saved = attention.optimized_attention, attention.optimized_attention_masked
+    attention.optimized_attention = impl
+    attention.optimized_attention_masked = impl
+    try:
+        yield
+    finally:
+        attention.optimized_attention, attention.optimized_attention_masked = saved
+
+
+def loss_terms(model, cnet, batch: Batch, qc_weight: float = 0.0, granularity: str = "layer",
+               max_lambda: float = 20.0, autocast=None, mode: str = "micontrolnet") -> dict:
+    """Per-row diffusion loss (ε-MSE) and, when ``qc_weight > 0`` and the batch
+    has probes, per-row L_QC^simple. Returns fp32 per-row tensors ``task``,
+    ``qc`` (zeros when off) and ``total`` = task + qc_weight·qc."""
+    autocast = autocast or contextlib.nullcontext()
+    ms = model.model_sampling
+    sigma, x_noisy = noisy_inputs(model, batch)
+    timestep = ms.timestep(sigma).float()
+    x_in = ms.calculate_input(sigma, x_noisy)
+    use_qc = qc_weight > 0 and batch.probe is not None
+
+    if not use_qc:
+        with autocast:
+            eps = controlled_eps(model, cnet, x_in, x_in, timestep, batch.context, batch.y, batch.hint,
+                                 granularity, max_lambda, mode)
+        task = per_row_mse(eps, batch.noise)
+        return {"task": task, "qc": torch.zeros_like(task), "total": task}
+
+    x_unet = x_in.detach()
+
+    def through_controlnet(x_noisy_probe):
+        # d/dx of the ControlNet's input, c_in·x: the probe enters as c_in·v.
+        return controlled_eps(model, cnet, x_unet, ms.calculate_input(sigma, x_noisy_probe), timestep,
+                              batch.context, batch.y, batch.hint, granularity, max_lambda, mode)
+
+    # No autocast here: autocast casts primals but not forward-mode tangents
+    # (conv(tangent fp32, weight bf16) fails), and second-order terms want fp32.
+    with training_attention(forward_mode=True):
+        eps, jv, jtv = jacobian_probes(through_controlnet, x_noisy, batch.probe)
+    task = per_row_mse(eps, batch.noise)
+    qc = qc_per_row(jv, jtv)
+    return {"task": task, "qc": qc, "total": task + qc_weight * qc}
+
+
+def rademacher(shape, generator: torch.Generator) -> torch.Tensor:
+    return torch.randint(0, 2, shape, generator=generator).float() * 2 - 1

@@ -1,0 +1,343 @@
+"""The MIControlNet training loop (see ``micontrolnet.py`` for the options)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import engine
+from .runtime import setup_comfy
+
+log = logging.getLogger("training")
+
+SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+STATE_VERSION = 1
+
+
+class MIControlNetTrainer:
+    def __init__(self, args):
+        self.args = args
+        self.dist = engine.init_distributed(args.device)
+        # ComfyUI must know about --cpu before comfy.model_management is imported.
+        setup_comfy(force_cpu=self.dist.device.type == "cpu")
+        if self.dist.device.type == "cpu" and self.dist.enabled:
+            # Ranks share the machine's cores.
+            torch.set_num_threads(max(1, (torch.get_num_threads()) // self.dist.world))
+        self.output = Path(args.output)
+        self.store = engine.CheckpointStore(self.output / "checkpoints", args.keep_checkpoints)
+        self._text_cache: dict[str, tuple] = {}
+        self._latent_cache: dict[int, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ setup
+    def _setup(self):
+        from . import data, models
+
+        a, dist = self.args, self.dist
+        engine.seed_everything(a.seed, a.deterministic)
+        self.base = models.load_base_model(a.base, a.family, engine.PRECISIONS[a.mixed_precision])
+        if dist.main:
+            log.info("base checkpoint: %s (%s)", a.base, self.base.family)
+        report = data.scan_dataset(a.data, need_condition=a.condition == "file")
+        self.skipped_at_scan = len(report.skipped)
+        if dist.main:
+            log.info("dataset: %d samples, %d skipped", len(report.records), len(report.skipped))
+        self.records = report.records
+        options = data.SampleOptions(
+            resolution=a.resolution, condition=a.condition, canny_low=a.canny_low, canny_high=a.canny_high,
+            rebalance_prob=a.rebalance_prob, keep_prob=a.keep_prob, superpixels=a.superpixels,
+            empty_prompt_prob=a.empty_prompt_prob, probes=a.stage == 2,
+            latent_channels=self.base.model.latent_format.latent_channels,
+            num_timesteps=int(self.base.model.model_sampling.sigmas.shape[0]),
+        )
+        self.samples = data.TrainingSamples(self.records, options, a.seed)
+
+        if a.init_controlnet:
+            cnet = models.controlnet_from_file(a.init_controlnet, self.base)
+            if dist.main:
+                log.info("ControlNet: from %s", a.init_controlnet)
+        else:
+            cnet = models.controlnet_from_unet(self.base.unet, self.base.unet_config, seed=a.seed)
+            if dist.main:
+                log.info("ControlNet: encoder copied from the base UNet, zero convolutions zeroed")
+
+        if a.plain_add_warmup_steps < 0:
+            # add^inj has zero gradient at zero residuals (λ = 0 there), so a
+            # ControlNet with zeroed outputs first learns with a plain add.
+            a.plain_add_warmup_steps = 0 if a.init_controlnet else 500
+        if dist.main and a.plain_add_warmup_steps:
+            log.info("the first %d steps inject with a plain add, then add^inj", a.plain_add_warmup_steps)
+        self.start_step = 0
+        resume_state = None
+        if a.resume:
+            ckpt = self.store.resolve(a.resume)
+            resume_state = json.loads((ckpt / "state.json").read_text())
+            cnet.load_state_dict(engine.load_tensors(ckpt / "controlnet.safetensors"))
+            self.start_step = int(resume_state["step"])
+            self._check_resume_compatible(resume_state)
+            if dist.main:
+                log.info("resuming from %s (step %d)", ckpt, self.start_step)
+
+        device = dist.device
+        self.base.unet.to(device=device)
+        cnet = cnet.to(device=device, dtype=torch.float32)  # fp32 master weights
+        if a.gradient_checkpointing:
+            n = models.enable_gradient_checkpointing(cnet) + models.enable_gradient_checkpointing(self.base.unet)
+            if dist.main:
+                log.info("gradient checkpointing on %d blocks", n)
+        self.cnet_module = cnet
+        if dist.enabled:
+            ddp_kwargs = {"device_ids": [device.index]} if device.type == "cuda" else {}
+            self.cnet = torch.nn.parallel.DistributedDataParallel(cnet, **ddp_kwargs)
+        else:
+            self.cnet = cnet
+        self.optimizer = torch.optim.AdamW(cnet.parameters(), lr=a.learning_rate, weight_decay=a.weight_decay)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=a.mixed_precision == "fp16")
+        if resume_state is not None:
+            ckpt = self.store.resolve(a.resume)
+            engine.load_optimizer(self.optimizer, engine.load_tensors(ckpt / "optimizer.safetensors"),
+                                  resume_state["optimizer"])
+            if "scaler" in resume_state and self.scaler.is_enabled():
+                self.scaler.load_state_dict(resume_state["scaler"])
+            rng_file = ckpt / f"rng-rank{dist.rank}.safetensors"
+            if rng_file.is_file():
+                rng = engine.load_tensors(rng_file)
+                engine.set_rng_state({"torch": rng["torch"], **resume_state["rng"][str(dist.rank)],
+                                      **({"cuda": rng["cuda"]} if "cuda" in rng else {})})
+
+    def _check_resume_compatible(self, state: dict) -> None:
+        saved = state["args"]
+        for key in ("seed", "batch_size", "gradient_accumulation", "stage", "resolution", "condition"):
+            if key in saved and saved[key] != getattr(self.args, key):
+                log.warning("resume: --%s was %s in the checkpoint and is %s now; the run will not repeat "
+                            "the interrupted one exactly", key.replace("_", "-"), saved[key], getattr(self.args, key))
+        world = state.get("world")
+        if world is not None and world != self.dist.world:
+            log.warning("resume: the checkpoint ran on %d rank(s), this run on %d; the global batch changes "
+                        "unless --batch-size was adjusted", world, self.dist.world)
+
+    # ------------------------------------------------------------------ batches
+    def _text(self, prompt: str):
+        """(context, pooled) of a prompt, encoded once with the checkpoint's text encoder."""
+        hit = self._text_cache.get(prompt)
+        if hit is None:
+            clip = self.base.clip
+            with torch.no_grad():
+                cond, pooled = clip.encode_from_tokens(clip.tokenize(prompt), return_pooled=True)
+            hit = (cond.float().cpu(), None if pooled is None else pooled.float().cpu())
+            if len(self._text_cache) < 4096:
+                self._text_cache[prompt] = hit
+        return hit
+
+    def _latents(self, items: dict) -> torch.Tensor:
+        """VAE latents of the target images; with --cache-latents each sample is
+        encoded once (images are deterministic: resize and centre crop only)."""
+        model, vae = self.base.model, self.base.vae
+        if not self.args.cache_latents:
+            with torch.no_grad():
+                return model.process_latent_in(vae.encode(items["image"]).float())
+        cache = self._latent_cache
+        todo = [i for i, idx in enumerate(items["index"]) if idx not in cache]
+        if todo:
+            with torch.no_grad():
+                fresh = model.process_latent_in(vae.encode(items["image"][todo]).float())
+            for i, z in zip(todo, fresh):
+                cache[items["index"][i]] = z.cpu()
+        return torch.stack([cache[idx] for idx in items["index"]])
+
+    def _batch(self, items: dict, probes: bool):
+        from .objectives import Batch
+
+        device, model = self.dist.device, self.base.model
+        latents = self._latents(items).to(device)
+        texts = [self._text(p) for p in items["prompt"]]
+        context = torch.cat([c for c, _ in texts]).to(device)
+        y = None
+        if self.base.family == "SDXL":
+            res = self.args.resolution
+            y = torch.cat([model.encode_adm(pooled_output=pooled, width=res, height=res, target_width=res,
+                                            target_height=res, crop_w=0, crop_h=0, device=device)
+                           for _, pooled in texts]).to(device)
+        return Batch(latents=latents, hint=items["hint"].to(device), context=context, y=y,
+                     noise=items["noise"].to(device), timestep_index=items["timestep_index"].to(device),
+                     probe=items["probe"].to(device) if probes and "probe" in items else None)
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> int:
+        from . import data, objectives
+        from .micontrolnet import lr_at
+
+        try:
+            self._setup()
+            a, dist = self.args, self.dist
+            sampler = data.PositionSampler(len(self.records), a.seed, self.start_step, a.max_steps,
+                                           a.batch_size, a.gradient_accumulation, dist.world, dist.rank)
+            loader = torch.utils.data.DataLoader(self.samples, batch_sampler=sampler, collate_fn=data.collate,
+                                                 num_workers=a.num_workers)
+            csv_log = engine.CsvLog(self.output / "log.csv", self.start_step if a.resume else None) if dist.main else None
+            if dist.main:
+                (self.output / "args.json").write_text(json.dumps(vars(a), indent=1, default=str))
+            bar = engine.progress_bar(a.max_steps, self.start_step, dist.main and not a.no_progress)
+            autocast = engine.autocast_context(dist.device, a.mixed_precision)
+            step, micro = self.start_step, 0
+            sums = {"total": 0.0, "task": 0.0, "qc": 0.0}
+            timer = engine.StepTimer()
+            t_start = time.perf_counter()
+            params = list(self.cnet_module.parameters())
+            with objectives.training_attention():
+                for items in loader:
+                    use_qc = a.stage == 2 and step % a.qc_every == 0
+                    batch = self._batch(items, probes=use_qc)
+                    last_micro = micro == a.gradient_accumulation - 1
+                    sync = last_micro or not dist.enabled
+                    ctx = self.cnet.no_sync() if not sync else _null()
+                    with ctx:
+                        terms = objectives.loss_terms(self.base.model, self.cnet, batch,
+                                                      a.qc_weight if use_qc else 0.0, a.granularity,
+                                                      a.max_lambda, autocast,
+                                                      "vanilla" if step < a.plain_add_warmup_steps else "micontrolnet")
+                        loss = terms["total"].mean() / a.gradient_accumulation
+                        self.scaler.scale(loss).backward()
+                    for k in sums:
+                        sums[k] += float(terms[k].detach().mean()) / a.gradient_accumulation
+                    micro += 1
+                    if not last_micro:
+                        continue
+                    micro = 0
+                    lr = lr_at(step, a.learning_rate, a.lr_warmup_steps)
+                    for group in self.optimizer.param_groups:
+                        group["lr"] = lr
+                    self.scaler.unscale_(self.optimizer)
+                    if a.max_grad_norm > 0:
+                        torch.nn.utils.clip_grad_norm_(params, a.max_grad_norm)
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    step += 1
+                    means = {k: dist.all_reduce_mean(v) for k, v in sums.items()}
+                    sums = {k: 0.0 for k in sums}
+                    if not math.isfinite(means["total"]):
+                        raise FloatingPointError(f"step {step}: the loss is {means['total']}; lower the learning "
+                                                 f"rate or use --mixed-precision bf16 instead of fp16")
+                    dt = timer.lap()
+                    if dist.main:
+                        csv_log.write({"step": step, "loss": f"{means['total']:.8g}", "task_loss": f"{means['task']:.8g}",
+                                       "qc_loss": f"{means['qc']:.8g}", "lr": f"{lr:.6g}",
+                                       "samples_per_s": f"{sampler.global_batch / dt:.4g}",
+                                       "elapsed_s": f"{time.perf_counter() - t_start:.2f}"})
+                        bar.set_postfix(loss=f"{means['total']:.4f}", qc=f"{means['qc']:.3g}")
+                        bar.update(1)
+                    if step % a.checkpoint_every == 0 or step == a.max_steps:
+                        self.save_checkpoint(step)
+                    if a.validate_every and (step % a.validate_every == 0 or step == a.max_steps):
+                        self.validate(step)
+            bar.close()
+            if csv_log:
+                csv_log.close()
+            skipped = self.skipped_at_scan + len(self.samples.bad)
+            if dist.main:
+                path = self.export()
+                log.info("wrote %s (%d samples skipped: %d at scan, %d at load)", path, skipped,
+                         self.skipped_at_scan, len(self.samples.bad))
+            dist.barrier()
+            return 0
+        finally:
+            engine.shutdown_distributed()
+
+    # ------------------------------------------------------------------ outputs
+    def export(self) -> Path:
+        from . import models
+
+        meta = {"format": "ControlNet v1.1 (ldm)", "trained_with": "ComfyUI-BalancedControl training micontrolnet",
+                "stage": self.args.stage, "granularity": self.args.granularity, "base_family": self.base.family}
+        return models.save_controlnet(self.cnet_module, self.output / f"{self.args.name}.safetensors",
+                                      SAVE_DTYPES[self.args.save_dtype], meta)
+
+    def save_checkpoint(self, step: int) -> Path | None:
+        """All ranks take part (each writes its RNG state); rank 0 writes the rest.
+        A failed write (full disk, I/O error) is logged and the run goes on:
+        the previous checkpoint stays intact and the next interval tries again."""
+        dist = self.dist
+        ok = True
+        if dist.main:
+            try:
+                self.store.begin(step)
+            except OSError as e:
+                ok = False
+                log.error("checkpoint at step %d not written: %s", step, e)
+        dist.barrier()
+        tmp = self.store.tmp_path(step)
+        try:
+            if tmp.is_dir():
+                state = engine.rng_state()
+                rng_tensors = {"torch": state["torch"], **({"cuda": state["cuda"]} if "cuda" in state else {})}
+                engine.save_tensors(rng_tensors, tmp / f"rng-rank{dist.rank}.safetensors")
+                self._rng_json = {"python": state["python"], "numpy": state["numpy"]}
+        except OSError as e:
+            ok = False
+            log.error("checkpoint at step %d: rank %d could not write its RNG state: %s", step, dist.rank, e)
+        rng_all = self._gather_rng()
+        dist.barrier()
+        if not dist.main:
+            dist.barrier()
+            return None
+        final = None
+        try:
+            if ok and tmp.is_dir():
+                opt_tensors, opt_rest = engine.optimizer_tensors(self.optimizer)
+                engine.save_tensors({k: v.float() for k, v in self.cnet_module.state_dict().items()},
+                                    tmp / "controlnet.safetensors",
+                                    metadata={"format": "ControlNet v1.1 (ldm)"})
+                engine.save_tensors(opt_tensors, tmp / "optimizer.safetensors")
+                state = {"version": STATE_VERSION, "step": step, "world": dist.world,
+                         "samples_seen": step * self.args.batch_size * dist.world * self.args.gradient_accumulation,
+                         "optimizer": opt_rest, "rng": rng_all, "args": vars(self.args),
+                         "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None}
+                engine.write_json(tmp / "state.json", state)
+                final = self.store.commit(step)
+        except OSError as e:
+            self.store.abort(step)
+            log.error("checkpoint at step %d not written (%s); the previous one is intact", step, e)
+        dist.barrier()
+        return final
+
+    def _gather_rng(self) -> dict:
+        mine = getattr(self, "_rng_json", None) or {}
+        if not self.dist.enabled:
+            return {"0": mine}
+        gathered = [None] * self.dist.world
+        torch.distributed.all_gather_object(gathered, mine)
+        return {str(r): g for r, g in enumerate(gathered)}
+
+    def validate(self, step: int) -> None:
+        """Sample with ComfyUI's sampler through the MIControlNetApply node,
+        from the current weights loaded by ComfyUI's ControlNet loader."""
+        if not self.dist.main:
+            self.dist.barrier()
+            return
+        try:
+            from .validation import sample_validation
+
+            sample_validation(self, step)
+        except Exception as e:  # noqa: BLE001 - validation must not end a long run
+            log.error("validation at step %d failed: %s: %s", step, type(e).__name__, e)
+        self.dist.barrier()
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def main_entry(argv=None):  # pragma: no cover - convenience
+    from .__main__ import main
+
+    sys.exit(main(argv))

@@ -1,0 +1,69 @@
+"""Validation samples: the current ControlNet sampled through the node path.
+
+The weights go through ComfyUI's own ControlNet loader (as the exported file
+would) and the MIControlNetApply node, then ComfyUI's sampler, so a
+validation image is what a user of the nodes would get at that step.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import engine
+
+
+def _condition_image(trainer) -> tuple[torch.Tensor, str]:
+    from . import data
+
+    a = trainer.args
+    rec = trainer.records[0]
+    prompt = a.validation_prompt if a.validation_prompt is not None else rec.prompt
+    if a.validation_image:
+        cond = data.load_rgb(Path(a.validation_image), a.resolution)
+    elif a.condition == "canny":
+        cond = data.canny(data.load_rgb(rec.image, a.resolution), a.canny_low, a.canny_high)
+    else:
+        cond = data.load_rgb(rec.condition, a.resolution)
+    return torch.from_numpy(cond.copy()).float().unsqueeze(0) / 255.0, prompt
+
+
+@torch.no_grad()
+def sample_validation(trainer, step: int) -> Path:
+    import comfy.controlnet
+    import comfy.sample
+
+    from .runtime import extension
+
+    extension()
+    from balanced_control.nodes.micontrolnet import MIControlNetApply, MIControlNetSettings
+
+    a, base = trainer.args, trainer.base
+    image, prompt = _condition_image(trainer)
+    sd = {k: v.detach().to("cpu", torch.float32).clone() for k, v in trainer.cnet_module.state_dict().items()}
+    control_net = comfy.controlnet.load_controlnet_state_dict(sd)
+
+    def encode(text):
+        cond, pooled = base.clip.encode_from_tokens(base.clip.tokenize(text), return_pooled=True)
+        return [[cond, {"pooled_output": pooled}]]
+
+    positive, negative = MIControlNetApply.execute(encode(prompt), encode(""), control_net, image, 1.0, 0.0, 1.0,
+                                                   None, None).args
+    patcher = MIControlNetSettings.execute(base.patcher, "micontrolnet", a.granularity, a.max_lambda, False).args[0]
+    h = a.resolution // 8
+    latent = torch.zeros(1, base.model.latent_format.latent_channels, h, h)
+    noise = comfy.sample.prepare_noise(latent, a.seed)
+    with engine.autocast_context(trainer.dist.device, a.mixed_precision):
+        samples = comfy.sample.sample(patcher, noise, a.validation_steps, a.validation_cfg, "euler", "normal",
+                                      positive, negative, latent, seed=a.seed, disable_pbar=True)
+        decoded = base.vae.decode(samples.float())
+    # ComfyUI may have moved the UNet while sampling; training continues on the run's device.
+    base.unet.to(trainer.dist.device)
+    row = torch.cat([image[0], decoded[0].float().cpu().clamp(0, 1)], dim=1)
+    out = Path(a.output) / "validation" / f"step-{step:08d}.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((row.numpy() * 255).round().astype(np.uint8)).save(out)
+    return out
