@@ -72,7 +72,7 @@ PY
 fi
 
 # --- 3. python packages (re-run only when a requirements file changed) -------
-_stamp_src="$BC_TORCH_SPEC|${BC_WITH_DEV:-0}|$(cat "$COMFYUI_PATH/requirements.txt" "$BC_REPO/requirements.txt" "$BC_REPO/requirements-dev.txt" 2>/dev/null | sha256sum)"
+_stamp_src="$BC_TORCH_SPEC|${BC_WITH_DEV:-0}|$(cat "$COMFYUI_PATH/requirements.txt" "$BC_REPO/requirements.txt" "$BC_REPO/requirements-training.txt" "$BC_REPO/requirements-dev.txt" 2>/dev/null | sha256sum)"
 _stamp_file="$VENV/.bc-stamp"
 if [ ! -f "$_stamp_file" ] || [ "$(cat "$_stamp_file")" != "$_stamp_src" ]; then
   _log "installing torch ($BC_TORCH_SPEC)"
