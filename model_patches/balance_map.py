@@ -58,7 +58,7 @@ def render_balance_map(record, row: int | None = None, cell: int = 64) -> torch.
 
     s = record.settings
     draw.text((pad, 2), f"mode {s.mode}, granularity {s.granularity}, max_lambda {s.max_lambda:g}, "
-              f"row {row}", fill=(230, 230, 230), font=font)
+              f"batch row {row} ({_row_kind(record, row, batch)})", fill=(230, 230, 230), font=font)
     for i, lab in enumerate(labels):
         y = 18 + 16 * i
         draw.rectangle([pad, y, pad + 12, y + 12], fill=colors[lab])
@@ -92,6 +92,14 @@ def render_balance_map(record, row: int | None = None, cell: int = 64) -> torch.
 
     arr = np.asarray(canvas, dtype=np.float32) / 255.0
     return torch.from_numpy(arr)[None]
+
+
+def _row_kind(record, row: int, batch: int) -> str:
+    if row in record.rows_of(0, batch):
+        return "positive"
+    if row in record.rows_of(1, batch):
+        return "negative"
+    return "unlabelled"
 
 
 def _to_pil(chw: torch.Tensor) -> Image.Image:

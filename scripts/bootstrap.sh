@@ -34,10 +34,13 @@ VENV="$BC_CACHE/venv"
 if [ ! -x "$VENV/bin/python" ]; then
   _log "creating virtualenv with $_base_python"
   "$_base_python" -m venv "$VENV"
-  "$VENV/bin/python" -m pip install -q --upgrade pip
 fi
 BC_PYTHON="$VENV/bin/python"
+# Some pip configurations list local index folders that may not exist; their warnings are noise.
 _pip() { "$BC_PYTHON" -m pip "$@" 2> >(grep -v "^WARNING: Location" >&2); }
+if [ ! -f "$VENV/.bc-pip-upgraded" ]; then
+  _pip install -q --upgrade pip && touch "$VENV/.bc-pip-upgraded"
+fi
 
 # --- 2. ComfyUI tree ----------------------------------------------------------
 if [ -n "${COMFYUI_PATH:-}" ]; then

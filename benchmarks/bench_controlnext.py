@@ -1,0 +1,161 @@
+"""Per-step cost of ControlNeXt against the bare UNet and against a ControlNet.
+
+    python benchmarks/bench_controlnext.py [--size 256] [--steps 3] [--repeats 3] [--small] [--full]
+
+(run with the project's environment, e.g. ``BC_CACHE=... $BC_PYTHON benchmarks/bench_controlnext.py``.)
+
+One "step" is what ComfyUI's sampler does per sampling step with CFG: one
+batched model call on the cond and uncond rows. Each configuration samples
+``--steps`` + 1 Euler steps with ``comfy.sample.sample`` and is timed between
+the first and the last step callback (model loading stays out), on the same
+SD1.5-architecture UNet (random weights, ComfyUI's own classes), in one
+process, interleaved over ``--repeats`` rounds; the time per step is
+reported (the minimum over rounds, and the median) for:
+
+* bare: the UNet alone,
+* ControlNeXt: ``apply_controlnext`` with the 320-channel module (the
+  SD1.5-Training/SDXL/SVD-v2 layout, injected after input block 3) and, as a
+  second line, the SD1.5 released module (injected after the middle block;
+  its first ResNet runs at full pixel resolution, so it costs more),
+* ControlNet: one core ``ControlNetApplyAdvanced`` (a ControlNet v1.1 for the
+  same UNet, through core's loader).
+
+It prints ControlNeXt/bare and ControlNeXt's overhead divided by the
+ControlNet's overhead. The UNet weight subset is patched once before sampling
+and costs nothing per step, so it is left out. This is a benchmark, not a
+test: the figures depend on the machine.
+
+Default: the full SD1.5 architecture at 256x256 pixels (latent 32), 3 steps,
+3 rounds. ``--small``: the two-level SD1.5-family UNet (seconds). ``--full``:
+512x512 pixels (latent 64), the official resolution.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from headless.runtime import import_extension  # noqa: E402
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", type=int, default=256, help="image side in pixels (latent = size / 8)")
+    p.add_argument("--steps", type=int, default=3, help="sampling steps per timed run")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds (minimum and median reported)")
+    p.add_argument("--small", action="store_true", help="the small two-level SD1.5-family UNet")
+    p.add_argument("--full", action="store_true", help="512x512 pixels (overrides --size)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = p.parse_args(argv)
+    if args.full:
+        args.size = 512
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    import_extension()
+    import comfy.controlnet
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.sample
+    import nodes as comfy_nodes
+
+    from headless import synthetic as syn
+
+    from balanced_control.model_patches import controlnext as cx
+    from balanced_control.model_patches.controlnext_arch import ControlNeXtModule
+
+    device = comfy.model_management.get_torch_device()
+    unet_config = syn.SD15_UNET_SMALL if args.small else syn.SD15_UNET
+    print(f"device {device}, torch threads {torch.get_num_threads()}, "
+          f"{'small SD1.5-family' if args.small else 'SD1.5'} UNet, {args.size}x{args.size} px, "
+          f"{args.steps} steps x {args.repeats} rounds", flush=True)
+
+    t0 = time.perf_counter()
+    model = syn.build_unet_model(unet_config, seed=0)
+    bare = comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu"))
+    control_net = comfy.controlnet.load_controlnet_state_dict(syn.controlnet_state_dict(unet_config, seed=3))
+
+    def module_weights(layout_config, seed):
+        m = ControlNeXtModule(layout_config)
+        syn.init_weights_(m, seed)
+        sd = m.state_dict()
+        if "scale" in sd:
+            sd["scale"] = torch.tensor(1.0)
+        return cx.ControlNeXtWeights(sd, f"bench-{layout_config.name}")
+
+    g = torch.Generator().manual_seed(0)
+    image = torch.rand(1, args.size, args.size, 3, generator=g)
+    cnx_320 = cx.apply_controlnext(bare, module_weights(cx.VARIANTS["sd15_training"].module_config, 1), image)
+    configs = {"bare": (bare, None), "ControlNeXt (320-ch module, after input block 3)": (cnx_320, None)}
+    if unet_config["model_channels"] * unet_config["channel_mult"][-1] == 1280:
+        cnx_sd15 = cx.apply_controlnext(bare, module_weights(cx.VARIANTS["sd15"].module_config, 2), image)
+        configs["ControlNeXt (SD1.5 released module, after middle)"] = (cnx_sd15, None)
+    configs["ControlNet (core ControlNetApplyAdvanced)"] = (bare, control_net)
+    print(f"built models in {time.perf_counter() - t0:.1f}s", flush=True)
+
+    context = torch.randn(1, 77, unet_config["context_dim"], generator=g)
+    positive = [[context, {}]]
+    negative = [[torch.randn(1, 77, unet_config["context_dim"], generator=g), {}]]
+    latent = torch.zeros(1, 4, args.size // 8, args.size // 8)
+    noise = comfy.sample.prepare_noise(latent, 0)
+
+    def conds(control_net):
+        if control_net is None:
+            return positive, negative
+        return comfy_nodes.ControlNetApplyAdvanced().apply_controlnet(positive, negative, control_net, image,
+                                                                      1.0, 0.0, 1.0)
+
+    def run(name, steps):
+        """Seconds per step between the first and the last step's callback: model
+        loading and sampler setup (which differ between patchers) stay out."""
+        patcher, cn = configs[name]
+        pos, neg = conds(cn)
+        stamps = []
+
+        def callback(step, x0, x, total):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            stamps.append(time.perf_counter())
+
+        comfy.sample.sample(patcher, noise, steps + 1, 5.0, "euler", "normal", pos, neg, latent,
+                            denoise=1.0, disable_pbar=True, seed=0, callback=callback)
+        return (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+
+    for name in configs:  # warm-up (first loads, allocator)
+        run(name, 1)
+    per_step = {name: [] for name in configs}
+    for r in range(args.repeats):
+        for name in configs:
+            per_step[name].append(run(name, args.steps))
+        print(f"round {r + 1}/{args.repeats}: " + ", ".join(f"{n.split(' (')[0]} {v[-1]:.3f}s" for n, v in per_step.items()),
+              flush=True)
+
+    # The minimum over rounds estimates the cost itself where other processes share
+    # the machine; the median is printed beside it.
+    med = {n: min(v) for n, v in per_step.items()}
+    medians = {n: statistics.median(v) for n, v in per_step.items()}
+    t_bare = med["bare"]
+    t_cn = med["ControlNet (core ControlNetApplyAdvanced)"]
+    print()
+    print(f"{'configuration':55s} {'min s/step':>10s} {'x bare':>8s} {'median':>8s}")
+    for name, t in med.items():
+        print(f"{name:55s} {t:10.3f} {t / t_bare:8.3f} {medians[name]:8.3f}")
+    print()
+    cn_over = t_cn - t_bare
+    for name, t in med.items():
+        if name.startswith("ControlNeXt"):
+            ratio = (t - t_bare) / cn_over if cn_over > 0 else float("nan")
+            print(f"{name}: {t / t_bare:.3f}x bare (target <= 1.05); overhead / ControlNet overhead = "
+                  f"{ratio:.3f} (target <= 0.25)")
+    print(f"ControlNet: {t_cn / t_bare:.3f}x bare")
+
+
+if __name__ == "__main__":
+    main()
