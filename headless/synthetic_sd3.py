@@ -33,6 +33,17 @@ TINY_SD3 = {
 }
 
 
+@torch.no_grad()
+def _fill_buffers_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """ComfyUI allocates the positional-embedding table with torch.empty (it is
+    loaded from the file); fill it deterministically so it never holds NaN."""
+    g = torch.Generator().manual_seed(seed + 7)
+    for _, buf in module.named_buffers():
+        if buf.is_floating_point():
+            buf.copy_(torch.randn(buf.shape, generator=g) * 0.02)
+    return module
+
+
 def build_sd3_model(unet_config: dict = TINY_SD3, seed: int = 0):
     """A ComfyUI SD3 BaseModel (flow matching, shift 3) with random weights."""
     import_comfy()
@@ -40,6 +51,7 @@ def build_sd3_model(unet_config: dict = TINY_SD3, seed: int = 0):
 
     model = comfy.supported_models.SD3(copy.deepcopy(unet_config)).get_model({}, device=torch.device("cpu"))
     init_weights_(model.diffusion_model, seed)
+    _fill_buffers_(model.diffusion_model, seed)
     return model
 
 
@@ -55,6 +67,7 @@ def build_mmdit_controlnet(unet_config: dict = TINY_SD3, num_blocks: int = 2, la
                                      operations=comfy.ops.disable_weight_init, device="cpu", dtype=torch.float32,
                                      **cfg)
     init_weights_(cn, seed)
+    _fill_buffers_(cn, seed)
     with torch.no_grad():
         for proj in cn.controlnet_blocks:
             proj.weight.mul_(residual_gain)
