@@ -23,7 +23,7 @@ from balanced_control.nodes.refine_control import RefineControlInpaintApply
 from headless import synthetic_sd3 as s3
 from headless.runtime import REPO
 
-from .conftest import cached_model
+from conftest import cached_model
 
 import comfy.controlnet  # noqa: E402
 import comfy.model_patcher  # noqa: E402
