@@ -12,6 +12,9 @@ def _register():
     from . import micontrolnet
 
     SUBCOMMANDS["micontrolnet"] = (micontrolnet.HELP, micontrolnet.add_arguments, micontrolnet.run)
+    from . import refine_control
+    SUBCOMMANDS["refine-control"] = (refine_control.HELP, refine_control.add_arguments, refine_control.run)
+    SUBCOMMANDS["refine-control-eval"] = (refine_control.EVAL_HELP, refine_control.add_eval_arguments, refine_control.run_eval)
     try:
         from . import evaluate
     except ImportError:  # pragma: no cover - evaluate ships with the package

@@ -1,0 +1,312 @@
+"""SD3 ControlNets of any depth inside ComfyUI, with an explicit block wiring.
+
+How a ``RefineControl`` reaches the SD3 transformer, through public
+extension points only:
+
+1. It is a ``ControlBase`` subclass in the conditioning's control chain. It
+   wraps a copy of the core SD3 ControlNet that ComfyUI's loader produced; the
+   copy's ``control_model`` is a ``LayerMappedControlNet``, a thin module of
+   this package that runs the same ComfyUI ControlNet layers but returns one
+   residual per base block according to the chosen wiring (core repeats
+   layers by its own rule, which drops the last layer of a 23-layer teacher).
+   Core's hint pipeline (VAE encode, latent format, mask channel, resizing,
+   cond/uncond broadcasting, strength) is reused unchanged.
+2. Plain injection: the per-block list is summed with the previous controls'
+   output and handed back to core, which adds entry i after base block i.
+3. Balanced injection: the residuals go to this model call's
+   ``BlockInjection`` (in the call's fresh ``transformer_options``), which
+   registers, on that dict only, a ``patches_replace["dit"][("double_block", i)]``
+   patch per block that runs the block (or the patch registered before it)
+   and then applies add^inj to the block's image tokens.
+
+Nothing is stored on the model or in ComfyUI's modules, so a graph without
+these controls runs exactly as before, and nothing survives a model call.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+import comfy.cldm.mmdit
+import comfy.controlnet
+import comfy.latent_formats
+import comfy.utils
+
+from .balance import add_inj
+from .refine_control import block_map, convention, residuals_for_blocks
+
+log = logging.getLogger(__name__)
+
+INJECTION_KEY = "refine_control_injection"
+INJECTION_GRANULARITIES = ("layer", "token")
+
+
+class NotSD3ControlNetError(ValueError):
+    pass
+
+
+def sd3_control_model(control, label: str = "RefineControl"):
+    """The ``comfy.cldm.mmdit.ControlNet`` inside a loaded CONTROL_NET, or a clear error."""
+    model = getattr(control, "control_model", None)
+    if isinstance(model, LayerMappedControlNet):
+        model = model.inner
+    if not isinstance(model, comfy.cldm.mmdit.ControlNet):
+        found = type(model).__module__ + "." + type(model).__name__ if model is not None else type(control).__name__
+        raise NotSD3ControlNetError(
+            f"{label}: expected an SD3 (MMDiT) ControlNet as loaded by Load ControlNet Model "
+            f"(diffusers SD3ControlNetModel keys: transformer_blocks.*, controlnet_blocks.*, pos_embed_input.*), "
+            f"found {found}. Load an SD3 ControlNet (e.g. an SD3 inpainting ControlNet or a student trained "
+            f"with `python -m training refine-control`)."
+        )
+    return model
+
+
+def controlnet_layers(cn: comfy.cldm.mmdit.ControlNet, x, hint, timesteps, context=None, y=None):
+    """Run an SD3 ControlNet and return (features, residuals), one per layer.
+
+    ``features[j]`` is the hidden state after ControlNet block j (before its
+    zero-initialised output projection), ``residuals[j]`` the projection.
+    Same computation as ComfyUI's ``ControlNet.forward``, without its repeats.
+    """
+    if y is not None:
+        y = torch.zeros_like(y)  # SD3 ControlNets are trained with zero pooled projections
+    if cn.context_processor is not None:
+        context = cn.context_processor(context)
+    hw = x.shape[-2:]
+    h = cn.x_embedder(x) + cn.cropped_pos_embed(hw, device=x.device).to(dtype=x.dtype, device=x.device)
+    h = h + cn.pos_embed_input(hint)
+    c = cn.t_embedder(timesteps, dtype=h.dtype)
+    if y is not None and cn.y_embedder is not None:
+        c = c + cn.y_embedder(y)
+    if context is not None:
+        context = cn.context_embedder(context)
+    features, residuals = [], []
+    for block, proj in zip(cn.joint_blocks, cn.controlnet_blocks):
+        context, h = block(context, h, c=c, use_checkpoint=cn.use_checkpoint)
+        features.append(h)
+        residuals.append(proj(h))
+    return features, residuals
+
+
+class LayerMappedControlNet(torch.nn.Module):
+    """Stands in for the core control model: same layers, explicit wiring.
+
+    ``depth`` is the base transformer's block count, set at ``pre_run``."""
+
+    def __init__(self, inner: comfy.cldm.mmdit.ControlNet, wiring: str):
+        super().__init__()
+        self.inner = inner
+        self.wiring = wiring
+        self.depth = len(inner.joint_blocks) + 1
+
+    @property
+    def dtype(self):
+        return self.inner.dtype
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.inner.joint_blocks)
+
+    def mapping(self) -> list:
+        return block_map(self.wiring, self.n_layers, self.depth)
+
+    def forward(self, x, hint, timesteps, context=None, y=None, **kwargs):
+        _, residuals = controlnet_layers(self.inner, x, hint, timesteps, context, y)
+        return {"output": residuals_for_blocks(residuals, self.mapping())}
+
+
+def merge_outputs(own: dict, prev: dict | None) -> dict:
+    """Element-wise sum of two control outputs (core's merge without its strength step)."""
+    if prev is None:
+        return own
+    out = {}
+    for key in set(own) | set(prev):
+        a, b = list(own.get(key, [])), list(prev.get(key, []))
+        n = max(len(a), len(b))
+        merged = []
+        for i in range(n):
+            x = a[i] if i < len(a) else None
+            y = b[i] if i < len(b) else None
+            merged.append(y if x is None else (x if y is None else x + y))
+        out[key] = merged
+    return out
+
+
+class BlockInjection:
+    """Per model call: the residuals of every balanced RefineControl, injected
+    with add^inj after each base block."""
+
+    def __init__(self, granularity: str, max_lambda: float):
+        self.granularity = granularity
+        self.max_lambda = max_lambda
+        self.per_block: dict[int, list[torch.Tensor]] = {}
+
+    @classmethod
+    def for_call(cls, transformer_options: dict, granularity: str, max_lambda: float) -> "BlockInjection":
+        inj = transformer_options.get(INJECTION_KEY)
+        if inj is None:
+            inj = cls(granularity, max_lambda)
+            transformer_options[INJECTION_KEY] = inj
+        return inj
+
+    def add(self, block_residuals: list, transformer_options: dict) -> None:
+        # Replace (never mutate) the nested containers: they may be shared with
+        # model_options, and this registration must end with the call.
+        replace = dict(transformer_options.get("patches_replace", {}))
+        dit = dict(replace.get("dit", {}))
+        for i, r in enumerate(block_residuals):
+            if r is None:
+                continue
+            if i not in self.per_block:
+                self.per_block[i] = []
+                dit[("double_block", i)] = self._patch(i, dit.get(("double_block", i)))
+            self.per_block[i].append(r)
+        replace["dit"] = dit
+        transformer_options["patches_replace"] = replace
+
+    def _patch(self, i: int, previous_patch):
+        def patch(args, extra):
+            out = previous_patch(args, extra) if previous_patch is not None else extra["original_block"](args)
+            img = out["img"]
+            r = self.per_block[i][0]
+            for more in self.per_block[i][1:]:
+                r = r + more
+            r = r.to(device=img.device, dtype=img.dtype)
+            if r.shape[0] != img.shape[0]:
+                r = r.expand_as(img)
+            if self.granularity == "token":
+                # add_inj's "pixel" reduces over dim 1: put channels there.
+                injected = add_inj(img.transpose(1, 2), r.transpose(1, 2), self.max_lambda, "pixel").transpose(1, 2)
+            else:
+                injected = add_inj(img, r, self.max_lambda, "layer")
+            return {**out, "img": injected}
+        return patch
+
+
+class RefineControl(comfy.controlnet.ControlBase):
+    """An SD3 ControlNet of any depth with an explicit block wiring and, optionally,
+    balanced (add^inj) injection per transformer block."""
+
+    def __init__(self, inner: comfy.controlnet.ControlNet, wiring: str, balanced: bool = False,
+                 granularity: str = "layer", max_lambda: float = 20.0, label: str = "RefineControl"):
+        super().__init__()
+        if granularity not in INJECTION_GRANULARITIES:
+            raise ValueError(f"granularity must be one of {INJECTION_GRANULARITIES}, got {granularity!r}")
+        self.inner = inner
+        self.wiring = wiring
+        self.balanced = balanced
+        self.granularity = granularity
+        self.max_lambda = max_lambda
+        self.label = label
+        self.strength = inner.strength
+        self.timestep_percent_range = inner.timestep_percent_range
+
+    @classmethod
+    def create(cls, control_net, image, keep, strength, percent_range, vae, convention_name: str,
+               wiring: str, balanced=False, granularity="layer", max_lambda=20.0, label="RefineControl"):
+        """``image`` is the already masked IMAGE; ``keep`` (B, 1, H, W) the keep channel."""
+        cn_model = sd3_control_model(control_net, label)
+        block_map(wiring, len(cn_model.joint_blocks), len(cn_model.joint_blocks) + 1)  # validates the name
+        conv = convention(convention_name)
+        inner = control_net.copy()
+        inner.set_previous_controlnet(None)
+        inner.control_model = LayerMappedControlNet(cn_model, wiring)
+        latent_format = comfy.latent_formats.SD3()
+        latent_format.shift_factor = conv.shift
+        latent_format.scale_factor = conv.scale
+        inner.latent_format = latent_format
+        extra = [keep] if inner.concat_mask else []
+        inner.set_cond_hint(image, strength, percent_range, vae=vae, extra_concat=extra)
+        return cls(inner, wiring, balanced, granularity, max_lambda, label)
+
+    # -- ControlBase protocol ------------------------------------------------------
+    def get_control(self, x_noisy, t, cond, batched_number, transformer_options):
+        control_prev = None
+        if self.previous_controlnet is not None:
+            control_prev = self.previous_controlnet.get_control(x_noisy, t, cond, batched_number, transformer_options)
+        own = self.inner.get_control(x_noisy, t, cond, batched_number, transformer_options)
+        if own is None:
+            return control_prev
+        if self.balanced:
+            BlockInjection.for_call(transformer_options, self.granularity, self.max_lambda).add(
+                own.get("output", []), transformer_options)
+            return control_prev
+        return merge_outputs(own, control_prev)
+
+    def pre_run(self, model, percent_to_timestep_function):
+        super().pre_run(model, percent_to_timestep_function)
+        unet = getattr(model, "diffusion_model", None)
+        blocks = getattr(unet, "joint_blocks", None)
+        if blocks is None:
+            raise NotSD3ControlNetError(
+                f"{self.label}: the model is {type(unet).__name__}, not an SD3 (MMDiT) transformer. "
+                f"An SD3 ControlNet only works with an SD3 model; load an SD3 checkpoint.")
+        cn = self.inner.control_model.inner
+        if cn.hidden_size != unet.hidden_size:
+            raise NotSD3ControlNetError(
+                f"{self.label}: the ControlNet's width is {cn.hidden_size} but the model's is {unet.hidden_size}. "
+                f"Use a ControlNet trained for this SD3 model.")
+        self.inner.control_model.depth = len(blocks)
+        self.inner.pre_run(model, percent_to_timestep_function)
+
+    def cleanup(self):
+        self.inner.cleanup()
+        super().cleanup()
+
+    def get_models(self):
+        return super().get_models() + self.inner.get_models()
+
+    def get_extra_hooks(self):
+        return self.inner.get_extra_hooks() + super().get_extra_hooks()
+
+    def inference_memory_requirements(self, dtype):
+        return super().inference_memory_requirements(dtype) + self.inner.inference_memory_requirements(dtype)
+
+    def copy(self):
+        inner = self.inner.copy()
+        inner.control_model = self.inner.control_model  # core's copy keeps the reference; keep the wiring too
+        c = RefineControl(inner, self.wiring, self.balanced, self.granularity, self.max_lambda, self.label)
+        self.copy_to(c)
+        return c
+
+
+# --------------------------------------------------------------------------
+# state-dict formats
+# --------------------------------------------------------------------------
+
+
+def mmdit_controlnet_to_diffusers(sd: dict, depth: int, num_blocks: int) -> dict:
+    """A ComfyUI MMDiT ControlNet state dict in diffusers ``SD3ControlNetModel``
+    key layout (what ComfyUI's ControlNetLoader and diffusers read), using the
+    inverse of ComfyUI's own key map. ``controlnet_blocks.*`` and
+    ``pos_embed_input.*`` have the same names in both."""
+    key_map = comfy.utils.mmdit_to_diffusers({"depth": depth, "num_blocks": num_blocks})
+    out = {}
+    used = set()
+    for dkey, target in key_map.items():
+        if isinstance(target, str):
+            if target in sd:
+                out[dkey] = sd[target]
+                used.add(target)
+            continue
+        src, offset = target[0], target[1]
+        fun = target[2] if len(target) > 2 else None
+        if src not in sd:
+            continue
+        t = sd[src]
+        if offset is not None:
+            t = t.narrow(offset[0], offset[1], offset[2])
+        if fun is not None:
+            t = fun(t)  # swap_scale_shift is its own inverse
+        out[dkey] = t.contiguous()
+        used.add(src)
+    for k, v in sd.items():
+        if k.startswith(("controlnet_blocks.", "pos_embed_input.")):
+            out[k] = v
+            used.add(k)
+    left = [k for k in sd if k not in used]
+    if left:
+        raise ValueError(f"mmdit_controlnet_to_diffusers: {len(left)} keys have no diffusers name, e.g. {left[:3]}")
+    return out

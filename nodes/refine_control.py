@@ -1,0 +1,149 @@
+"""Refine-Control node: SD3 inpainting ControlNets of any depth (teacher or
+distilled student), with explicit conventions and optional balanced injection.
+
+Thin V3 schema; the logic lives in ``model_patches.refine_control`` (pure
+torch) and ``model_patches.refine_control_runtime`` (ComfyUI side).
+"""
+
+from __future__ import annotations
+
+import torch
+
+import comfy.controlnet
+from comfy_api.latest import io
+
+from ..model_patches.refine_control import (
+    BLOCK_MAP_DESCRIPTIONS,
+    BLOCK_MAPS,
+    CONVENTIONS,
+    convention as inpaint_convention,
+    keep_mask,
+    masked_image,
+    normalise_mask,
+)
+from ..model_patches.refine_control_runtime import RefineControl, sd3_control_model
+
+CATEGORY = "conditioning/controlnet/balanced"
+
+INJECTIONS = {
+    "add": (False, "layer"),
+    "add_inj (per block)": (True, "layer"),
+    "add_inj (per token)": (True, "token"),
+}
+
+
+def _local_context(local_prompt, label: str) -> torch.Tensor | None:
+    if local_prompt is None:
+        return None
+    if not isinstance(local_prompt, list) or not local_prompt or not isinstance(local_prompt[0][0], torch.Tensor):
+        raise ValueError(f"{label}: local_prompt must be a CONDITIONING (e.g. from CLIP Text Encode), "
+                         f"got {type(local_prompt).__name__}.")
+    return local_prompt[0][0]
+
+
+class RefineControlInpaintApply(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="RefineControlInpaintApply",
+            display_name="Apply SD3 Inpainting ControlNet (Refine-Control)",
+            category=CATEGORY,
+            description=(
+                "Apply an SD3 inpainting ControlNet of any depth (the 23-layer teacher or a distilled student) "
+                "with the inpainting convention and the layer-to-block wiring it was trained with, an optional "
+                "local prompt for the ControlNet only, and optional balanced (add^inj) injection per "
+                "transformer block."
+            ),
+            inputs=[
+                io.Conditioning.Input("positive"),
+                io.Conditioning.Input("negative"),
+                io.ControlNet.Input("control_net", tooltip="An SD3 ControlNet (17-channel inpainting input)."),
+                io.Vae.Input("vae", tooltip="The SD3 VAE; encodes the masked image for the ControlNet."),
+                io.Image.Input("image", tooltip="The image to inpaint."),
+                io.Mask.Input("mask", tooltip="1 = region to inpaint."),
+                io.Float.Input("strength", default=1.0, min=0.0, max=10.0, step=0.01),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001),
+                io.Combo.Input("convention", options=list(CONVENTIONS), default="diffusers",
+                               tooltip=" | ".join(f"{k}: {v.description}" for k, v in CONVENTIONS.items())),
+                io.Combo.Input("wiring", options=list(BLOCK_MAPS), default="diffusers_0.29",
+                               tooltip=" | ".join(f"{k}: {v}" for k, v in BLOCK_MAP_DESCRIPTIONS.items())),
+                io.Combo.Input("injection", options=list(INJECTIONS), default="add",
+                               tooltip="add: plain sum (core); add_inj: balanced injection f + λ·r per "
+                                       "transformer block (one λ per block and row, or per token)."),
+                io.Float.Input("max_lambda", default=20.0, min=0.0, max=1000.0, step=0.1,
+                               tooltip="Upper clip of the add^inj weight λ."),
+                io.Conditioning.Input("local_prompt", optional=True,
+                                      tooltip="Text for the ControlNet only, describing just the masked region "
+                                              "(given to the positive rows; the negative keeps its own text)."),
+            ],
+            outputs=[
+                io.Conditioning.Output(display_name="positive"),
+                io.Conditioning.Output(display_name="negative"),
+            ],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, positive, negative, control_net, vae, image, mask, strength, start_percent, end_percent,
+                convention="diffusers", wiring="diffusers_0.29", injection="add", max_lambda=20.0,
+                local_prompt=None) -> io.NodeOutput:
+        label = f"RefineControlInpaintApply #{cls.hidden.unique_id}" \
+            if cls.hidden and cls.hidden.unique_id else "RefineControlInpaintApply"
+        if not isinstance(control_net, comfy.controlnet.ControlBase):
+            raise ValueError(f"{label}: control_net must be a CONTROL_NET from Load ControlNet Model, "
+                             f"got {type(control_net).__name__}.")
+        cn_model = sd3_control_model(control_net, label)
+        if not control_net.concat_mask:
+            channels = cn_model.pos_embed_input.proj.weight.shape[1]
+            raise ValueError(f"{label}: expected an SD3 inpainting ControlNet (17 input channels: 16 latent + "
+                             f"1 mask), found {channels} input channels. Use a ControlNet trained for inpainting, "
+                             f"or core's Apply ControlNet for other SD3 ControlNets.")
+        if vae is None:
+            raise ValueError(f"{label}: a VAE is required (it encodes the masked image); connect the SD3 VAE.")
+        if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[-1] < 3:
+            shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+            raise ValueError(f"{label}: expected an IMAGE shaped (B, H, W, 3), got {shape}.")
+        if start_percent > end_percent:
+            raise ValueError(f"{label}: start_percent ({start_percent}) is after end_percent ({end_percent}); "
+                             f"the control would never run. Swap them.")
+        if injection not in INJECTIONS:
+            raise ValueError(f"{label}: injection must be one of {list(INJECTIONS)}, got {injection!r}.")
+        conv = inpaint_convention(convention)
+        mask = normalise_mask(mask)
+        local = _local_context(local_prompt, label)
+
+        # Empty mask: nothing to inpaint, the keep channel is all ones; full
+        # mask: everything, a black image and an all-zero keep channel. Both
+        # are plain tensors, no division anywhere.
+        hint_image = masked_image(image[..., :3].float(), mask, conv)
+        keep = keep_mask(mask, conv).unsqueeze(1)
+        hint = hint_image.movedim(-1, 1)
+        balanced, granularity = INJECTIONS[injection]
+        del cn_model
+
+        if strength == 0 and local is None:
+            return io.NodeOutput(positive, negative)
+        created = {}
+        out = []
+        for index, conditioning in enumerate((positive, negative)):
+            new = []
+            for cond, extra in conditioning:
+                extra = extra.copy()
+                if strength > 0:
+                    prev = extra.get("control", None)
+                    if prev not in created:  # like core: entries that shared a control share the new one
+                        c = RefineControl.create(control_net, hint, keep, strength, (start_percent, end_percent),
+                                                 vae, conv.name, wiring, balanced, granularity, max_lambda, label)
+                        c.set_previous_controlnet(prev)
+                        created[prev] = c
+                    extra["control"] = created[prev]
+                    extra["control_apply_to_uncond"] = False
+                if local is not None and index == 0:
+                    extra["cross_attn_controlnet"] = local
+                new.append([cond, extra])
+            out.append(new)
+        return io.NodeOutput(out[0], out[1])
+
+
+NODES = [RefineControlInpaintApply]

@@ -1,0 +1,379 @@
+"""Refine-Control: wirings, losses, conventions, node, trainer, server.
+
+Tiny SD3 configs built with ComfyUI's model code: a 4-block base (width 256),
+a 3-layer teacher (wired like the 23-layer teacher on 24 blocks: one-to-one,
+last block empty) and 2-layer students (wired like 12 on 24: pairs).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from balanced_control.model_patches import refine_control as rc
+from balanced_control.model_patches import refine_control_runtime as rt
+from balanced_control.model_patches.balance import add_inj
+from balanced_control.nodes.refine_control import RefineControlInpaintApply
+from headless import synthetic_sd3 as s3
+from headless.runtime import REPO
+
+from conftest import cached_model
+
+import comfy.controlnet  # noqa: E402
+import comfy.model_patcher  # noqa: E402
+import comfy.sample  # noqa: E402
+import comfy.sd  # noqa: E402
+
+API_EXAMPLE = REPO / "example_workflows" / "api" / "refine_control_inpaint.json"
+UI_EXAMPLE = REPO / "example_workflows" / "refine_control_inpaint.json"
+
+
+# --------------------------------------------------------------------------
+# block wiring tables
+# --------------------------------------------------------------------------
+
+def test_student_12_on_24_is_pairs_in_every_wiring():
+    expected = [i // 2 for i in range(23)] + [None]
+    for name in rc.BLOCK_MAPS:
+        assert rc.block_map(name, 12, 24) == expected, name
+
+
+def test_teacher_23_on_24_tables():
+    assert rc.block_map("diffusers_0.29", 23, 24) == list(range(23)) + [None]
+    assert rc.block_map("comfyui", 23, 24) == list(range(22)) + [None, None]  # core drops layer 22
+    assert rc.block_map("diffusers_0.32", 23, 24) == [0, 0] + list(range(1, 22)) + [None]
+
+
+def test_alignment_plan_12_vs_23_and_odd_depth_rule():
+    plan = rc.alignment_plan(rc.block_map("diffusers_0.29", 12, 24), rc.block_map("diffusers_0.29", 23, 24))
+    assert [(t.student_layer, t.count, t.teacher_layers) for t in plan[:11]] == \
+        [(j, 2, (2 * j, 2 * j + 1)) for j in range(11)]
+    assert (plan[11].student_layer, plan[11].count, plan[11].teacher_layers) == (11, 1, (22,))
+
+
+def test_comfyui_map_matches_core_controlnet_output():
+    """Core's list for a 3-layer ControlNet on a depth-4 model equals map_comfyui."""
+    cn = s3.build_mmdit_controlnet(num_blocks=3, seed=4)
+    x, hint = torch.randn(2, 16, 8, 8), torch.randn(2, 17, 8, 8)
+    t, ctx, y = torch.full((2,), 400.0), torch.randn(2, 5, 4096), torch.randn(2, 2048)
+    with torch.no_grad():
+        core = cn(x=x, hint=hint, timesteps=t, context=ctx, y=y)["output"]
+        _, res = rt.controlnet_layers(cn, x, hint, t, ctx, y)
+    mapping = rc.map_comfyui(3, 4)
+    assert len(core) == sum(j is not None for j in mapping) == 2
+    for i, j in enumerate(mapping):
+        if j is not None:
+            torch.testing.assert_close(core[i], res[j])
+
+
+# --------------------------------------------------------------------------
+# losses against hand-computed values
+# --------------------------------------------------------------------------
+
+def test_task_loss_hand_value():
+    pred = torch.tensor([[[[1.0, 2.0]]]])       # (1, 1, 1, 2)
+    target = torch.tensor([[[[0.0, 0.0]]]])
+    mask = torch.tensor([[[[1.0, 0.0]]]])       # inpaint the first element
+    # w = (0.975, 0.025); errors (1, 4); mean = (0.975 + 0.1) / 2
+    assert rc.task_loss(pred, target, mask, 0.975).item() == pytest.approx(0.5375)
+    assert rc.task_loss(pred, target, mask, 0.5).item() == pytest.approx((0.5 + 2.0) / 2)
+    with pytest.raises(ValueError, match="alpha"):
+        rc.task_loss(pred, target, mask, 1.5)
+
+
+def test_distillation_loss_hand_value_and_stop_gradient():
+    s = torch.tensor([1.0, 3.0], requires_grad=True)
+    t = torch.tensor([0.0, 1.0], requires_grad=True)
+    loss = rc.distillation_loss(s, t)
+    assert loss.item() == pytest.approx((1 + 4) / 2)
+    loss.backward()
+    assert t.grad is None and s.grad is not None
+
+
+def test_feature_alignment_hand_value_with_odd_teacher():
+    # student 2 layers on 4 blocks (pairs), teacher 3 layers one-to-one
+    plan = rc.alignment_plan(rc.block_map("diffusers_0.29", 2, 4), rc.block_map("diffusers_0.29", 3, 4))
+    fs = [torch.tensor([1.0]), torch.tensor([2.0])]
+    ft = [torch.tensor([0.5]), torch.tensor([1.0]), torch.tensor([4.0])]
+    # term 1: (2*1 - (0.5 + 1))^2 = 0.25; term 2 (odd rule): (1*2 - 4)^2 = 4
+    assert rc.feature_alignment_loss(fs, ft, plan).item() == pytest.approx(4.25)
+
+
+# --------------------------------------------------------------------------
+# conditioning conventions
+# --------------------------------------------------------------------------
+
+def test_conditioning_latent_conventions():
+    raw = torch.full((1, 16, 2, 2), 0.5)
+    mask = torch.tensor([[[0.0, 0.6], [0.4, 1.0]]])
+    d = rc.conditioning_latent(raw, mask, rc.convention("diffusers"))
+    c = rc.conditioning_latent(raw, mask, rc.convention("comfyui"))
+    assert d.shape == (1, 17, 2, 2)
+    torch.testing.assert_close(d[:, :16], torch.full((1, 16, 2, 2), (0.5 - 0.0609) * 1.5305))
+    torch.testing.assert_close(c[:, :16], torch.full((1, 16, 2, 2), 0.5 * 1.5305))
+    torch.testing.assert_close(d[0, 16], torch.tensor([[1.0, 0.0], [1.0, 0.0]]))   # binarised keep = 1 - mask
+    torch.testing.assert_close(c[0, 16], torch.tensor([[1.0, 0.4], [0.6, 0.0]]))   # soft keep
+
+
+def test_masked_image_and_empty_full_masks():
+    image = torch.rand(1, 4, 4, 3)
+    conv = rc.convention("diffusers")
+    empty, full = torch.zeros(1, 4, 4), torch.ones(1, 4, 4)
+    torch.testing.assert_close(rc.masked_image(image, empty, conv), image)
+    assert rc.masked_image(image, full, conv).abs().sum() == 0
+    assert rc.keep_mask(torch.full((1, 4, 4), float("nan")), conv).eq(1).all()
+
+
+def test_masked_metrics():
+    ref = torch.zeros(1, 8, 8, 3)
+    pred = ref.clone()
+    pred[:, :4] = 0.1                      # error only in the top half
+    mask = torch.zeros(1, 8, 8)
+    mask[:, :4] = 1
+    assert rc.masked_psnr(pred, ref, mask).item() == pytest.approx(20.0, abs=1e-4)
+    assert rc.masked_psnr(pred, ref, 1 - mask).item() == pytest.approx(100.0)   # exact outside: clamp at 1e-10
+    assert torch.isnan(rc.masked_psnr(pred, ref, torch.zeros(1, 8, 8))).all()
+    assert rc.masked_ssim(ref, ref, mask).item() == pytest.approx(1.0)
+
+
+# --------------------------------------------------------------------------
+# the node in ComfyUI's sampler (in process)
+# --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sd3_runtime():
+    model = s3.build_sd3_model()
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"),
+                                               offload_device=torch.device("cpu"))
+    vae_sd = {k[len("first_stage_model."):]: v for k, v in s3.sd3_vae_state_dict().items()}
+    vae = comfy.sd.VAE(sd=vae_sd)
+    student = comfy.controlnet.load_controlnet_state_dict(s3.sd3_controlnet_state_dict(num_blocks=2, seed=6))
+    g = torch.Generator().manual_seed(0)
+    pos = [[torch.randn(1, 7, 4096, generator=g), {"pooled_output": torch.randn(1, 2048, generator=g)}]]
+    neg = [[torch.zeros(1, 7, 4096), {"pooled_output": torch.zeros(1, 2048)}]]
+    return {"patcher": patcher, "vae": vae, "student": student, "pos": pos, "neg": neg}
+
+
+def _apply(rt_, mask, **kw):
+    image = torch.rand(1, 32, 32, 3, generator=torch.Generator().manual_seed(1))
+    args = dict(convention="diffusers", wiring="diffusers_0.29", injection="add", max_lambda=20.0)
+    args.update(kw)
+    local = args.pop("local_prompt", None)
+    out = RefineControlInpaintApply.execute(rt_["pos"], rt_["neg"], args.pop("control_net", rt_["student"]),
+                                            rt_["vae"], image, mask, args.pop("strength", 1.0), 0.0, 1.0,
+                                            local_prompt=local, **args)
+    return out.args
+
+
+def _sample(rt_, pos, neg):
+    latent = torch.zeros(1, 16, 4, 4)
+    noise = comfy.sample.prepare_noise(latent, 0)
+    return comfy.sample.sample(rt_["patcher"], noise, 2, 3.0, "euler", "normal", pos, neg, latent, seed=0,
+                               disable_pbar=True)
+
+
+def test_node_samples_with_each_injection_and_differs_from_no_control(sd3_runtime):
+    mask = torch.zeros(1, 32, 32)
+    mask[:, 8:24, 8:24] = 1
+    plain = _sample(sd3_runtime, sd3_runtime["pos"], sd3_runtime["neg"])
+    outs = {}
+    for injection in ("add", "add_inj (per block)", "add_inj (per token)"):
+        pos, neg = _apply(sd3_runtime, mask, injection=injection)
+        assert pos[0][1]["control"] is neg[0][1]["control"]
+        outs[injection] = _sample(sd3_runtime, pos, neg)
+        assert torch.isfinite(outs[injection]).all()
+        assert not torch.allclose(outs[injection], plain)
+    assert not torch.allclose(outs["add"], outs["add_inj (per block)"])
+    # nothing leaks: the plain graph afterwards gives the same result as before
+    torch.testing.assert_close(_sample(sd3_runtime, sd3_runtime["pos"], sd3_runtime["neg"]), plain)
+
+
+def test_balanced_injection_patch_is_add_inj():
+    inj = rt.BlockInjection("layer", 20.0)
+    opts = {"patches_replace": {}}
+    r = torch.randn(2, 6, 8)
+    inj.add([None, r], opts)
+    assert ("double_block", 0) not in opts["patches_replace"]["dit"]
+    img = torch.randn(2, 6, 8)
+    out = opts["patches_replace"]["dit"][("double_block", 1)](
+        {"img": img, "txt": None}, {"original_block": lambda a: {"img": a["img"], "txt": a["txt"]}})
+    torch.testing.assert_close(out["img"], add_inj(img, r, 20.0, "layer"))
+
+
+def test_node_local_prompt_goes_to_controlnet_only(sd3_runtime):
+    local = [[torch.randn(1, 3, 4096), {}]]
+    pos, neg = _apply(sd3_runtime, torch.zeros(1, 32, 32), local_prompt=local)
+    assert pos[0][1]["cross_attn_controlnet"] is local[0][0]
+    assert "cross_attn_controlnet" not in neg[0][1]
+
+
+@pytest.mark.parametrize("fill", [0.0, 1.0])
+def test_node_empty_and_full_masks_are_finite(sd3_runtime, fill):
+    pos, neg = _apply(sd3_runtime, torch.full((1, 32, 32), fill), convention="comfyui")
+    assert torch.isfinite(_sample(sd3_runtime, pos, neg)).all()
+
+
+def test_node_rejects_non_sd3_controlnet(sd3_runtime, small_sd15_files):
+    sd15_cn = comfy.controlnet.load_controlnet(str(small_sd15_files["controlnets"][0]))
+    with pytest.raises(ValueError, match="expected an SD3 \\(MMDiT\\) ControlNet.*found"):
+        _apply(sd3_runtime, torch.zeros(1, 32, 32), control_net=sd15_cn)
+
+
+def test_node_rejects_non_inpainting_sd3_controlnet(sd3_runtime):
+    cn16 = comfy.controlnet.load_controlnet_state_dict(s3.sd3_controlnet_state_dict(num_blocks=2, latent_channels=16))
+    with pytest.raises(ValueError, match="17 input channels.*found 16"):
+        _apply(sd3_runtime, torch.zeros(1, 32, 32), control_net=cn16)
+
+
+def test_node_rejects_bad_mask(sd3_runtime):
+    with pytest.raises(ValueError, match="MASK shaped"):
+        _apply(sd3_runtime, torch.zeros(1, 1, 32, 32))
+
+
+# --------------------------------------------------------------------------
+# trainer
+# --------------------------------------------------------------------------
+
+def _files():
+    base = cached_model("tiny-sd3.safetensors", lambda p: s3.write_sd3_checkpoint(p), "sd3-base")
+    teacher = cached_model("tiny-sd3-teacher3.safetensors",
+                           lambda p: s3.write_sd3_controlnet(p, num_blocks=3, seed=5, residual_gain=0.5), "t3")
+    return base, teacher
+
+
+def _dataset(root, n=1, broken=True):
+    rng = np.random.default_rng(0)
+    (root / "img").mkdir(parents=True, exist_ok=True)
+    (root / "mask").mkdir(exist_ok=True)
+    lines = []
+    for i in range(n):
+        Image.fromarray((rng.random((32, 32, 3)) * 255).astype("uint8")).save(root / "img" / f"{i}.png")
+        m = np.zeros((32, 32), "uint8")
+        m[8:24, 8:24] = 255
+        Image.fromarray(m).save(root / "mask" / f"{i}.png")
+        lines.append({"image": f"img/{i}.png", "mask": f"mask/{i}.png", "prompt": "a ball",
+                      "local_prompt": "red ball"})
+    if broken:
+        lines.append({"image": "img/0.png", "prompt": "no mask"})
+        lines.append({"image": "img/0.png", "mask": "mask/none.png", "prompt": "missing mask file"})
+    (root / "data.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    return root / "data.jsonl"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    base, teacher = _files()
+    root = tmp_path_factory.mktemp("rc-train")
+    data = _dataset(root)
+    out = root / "run"
+    cmd = [sys.executable, "-m", "training", "refine-control", "--base", str(base), "--teacher", str(teacher),
+           "--data", str(data), "--unlabeled", str(data), "--layers", "2", "--stage1-steps", "4",
+           "--stage2-steps", "4", "--batch-size", "1", "--resolution", "32", "--lr", "2e-3",
+           "--output", str(out), "--checkpoint-every", "4", "--fixed-noise", "--save-dtype", "fp32"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return {"out": out, "log": proc.stderr, "base": base, "teacher": teacher}
+
+
+def test_training_stages_decrease_loss_and_report_skipped_items(trained):
+    import csv
+    rows = list(csv.DictReader(open(trained["out"] / "log.csv")))
+    assert [int(r["stage"]) for r in rows] == [1] * 4 + [2] * 4
+    s1 = [float(r["loss"]) for r in rows[:4]]
+    s2 = [float(r["loss"]) for r in rows[4:]]
+    assert all(r["task_loss"] for r in rows[:4]) and not any(r["task_loss"] for r in rows[4:])
+    assert s1[-1] < s1[0] and s2[-1] < s2[0], (s1, s2)
+    assert "no mask given" in trained["log"] and "mask file missing" in trained["log"]
+    assert (trained["out"] / "checkpoints" / "step-00000004" / "state.json").is_file()
+
+
+def test_student_init_from_base_blocks_and_teacher_embedder():
+    from training.refine_control import build_student, load_sd3_base, load_sd3_controlnet
+    base, teacher_path = _files()
+    patcher, _, _ = load_sd3_base(base)
+    teacher = load_sd3_controlnet(teacher_path, "teacher")
+    student = build_student(patcher.model.diffusion_model, teacher, 2)
+    dm = patcher.model.diffusion_model
+    for i in range(2):
+        torch.testing.assert_close(student.joint_blocks[i].x_block.attn.qkv.weight,
+                                   dm.joint_blocks[i].x_block.attn.qkv.weight.float())
+    torch.testing.assert_close(student.pos_embed_input.proj.weight, teacher.pos_embed_input.proj.weight.float())
+    assert all(p.abs().sum() == 0 for p in student.controlnet_blocks.parameters())
+    with pytest.raises(ValueError, match="--layers 4"):
+        build_student(dm, teacher, 4)
+
+
+def test_saved_student_loads_in_core_and_node(trained, sd3_runtime):
+    path = trained["out"] / "refine_control_student.safetensors"
+    control = comfy.controlnet.load_controlnet(str(path))
+    assert isinstance(control.control_model, comfy.cldm.mmdit.ControlNet)
+    assert len(control.control_model.joint_blocks) == 2 and control.concat_mask
+    assert control.control_model.controlnet_blocks[0].weight.abs().sum() > 0  # trained away from zero
+    pos, neg = _apply(sd3_runtime, torch.ones(1, 32, 32), control_net=control)
+    assert torch.isfinite(_sample(sd3_runtime, pos, neg)).all()
+
+
+def test_trainer_rejects_dataset_without_masks(tmp_path):
+    from training.refine_control import scan_inpaint_data
+    (tmp_path / "d.jsonl").write_text(json.dumps({"image": "x.png", "prompt": "p"}))
+    with pytest.raises(ValueError, match="no usable items"):
+        scan_inpaint_data(tmp_path / "d.jsonl")
+
+
+# --------------------------------------------------------------------------
+# server: the example workflow's API twin with the trained student
+# --------------------------------------------------------------------------
+
+def test_api_workflow_runs_through_comfyui_server(trained, tmp_path_factory):
+    from headless.server import ComfyServer, copy_model
+
+    base_dir = tmp_path_factory.mktemp("rc-server")
+    ckpt = copy_model(trained["base"], base_dir / "models" / "checkpoints", "tiny-sd3.safetensors")
+    cn = copy_model(trained["out"] / "refine_control_student.safetensors", base_dir / "models" / "controlnet",
+                    "tiny-sd3-student.safetensors")
+    (base_dir / "input").mkdir(parents=True, exist_ok=True)
+    rgba = np.zeros((32, 32, 4), "uint8")
+    rgba[..., :3] = (np.random.default_rng(1).random((32, 32, 3)) * 255).astype("uint8")
+    rgba[..., 3] = 255
+    rgba[8:24, 8:24, 3] = 0   # LoadImage's mask is 1 - alpha: the transparent square is inpainted
+    Image.fromarray(rgba, "RGBA").save(base_dir / "input" / "refine_input.png")
+    prompt = json.loads(API_EXAMPLE.read_text())
+    for node in prompt.values():
+        ins = node["inputs"]
+        if "ckpt_name" in ins:
+            ins["ckpt_name"] = ckpt
+        if "control_net_name" in ins:
+            ins["control_net_name"] = cn
+        if node["class_type"] == "LoadImage":
+            ins["image"] = "refine_input.png"
+        if node["class_type"] == "KSampler":
+            ins["steps"] = 2
+    with ComfyServer(base_dir, extra_args=["--cache-none"]) as srv:
+        info = srv.get_json("/object_info")["RefineControlInpaintApply"]["input"]
+        assert list(info["required"])[:9] == ["positive", "negative", "control_net", "vae", "image", "mask",
+                                              "strength", "start_percent", "end_percent"]
+        assert set(info["optional"]) == {"local_prompt"}
+        entry = srv.run(prompt, timeout=600)
+        status = entry.get("status", {})
+        assert status.get("status_str") == "success", json.dumps(status)[-3000:] + srv.log_tail()
+        images = srv.output_images(entry)
+        assert images, srv.log_tail()
+
+
+def test_ui_workflow_matches_api_twin():
+    ui = json.loads(UI_EXAMPLE.read_text())
+    api = json.loads(API_EXAMPLE.read_text())
+    assert ui["version"] == 0.4
+    assert sorted(n["type"] for n in ui["nodes"]) == sorted(n["class_type"] for n in api.values())
+    for n in ui["nodes"]:
+        assert {"id", "type", "pos", "size", "flags", "order", "mode", "inputs", "outputs", "properties",
+                "widgets_values"} <= set(n)
+        assert n["properties"]["Node name for S&R"] == n["type"]
+    apply = next(n for n in ui["nodes"] if n["type"] == "RefineControlInpaintApply")
+    assert apply["widgets_values"] == [1.0, 0.0, 1.0, "diffusers", "diffusers_0.29", "add", 20.0]
