@@ -9,17 +9,13 @@ SUBCOMMANDS: dict = {}
 def _register():
     # Heavy modules (torch, ComfyUI) are imported by each subcommand's run(),
     # so --help answers at once.
-    from . import micontrolnet
+    from . import evaluate, micontrolnet, refine_control
 
     SUBCOMMANDS["micontrolnet"] = (micontrolnet.HELP, micontrolnet.add_arguments, micontrolnet.run)
-    from . import refine_control
-    SUBCOMMANDS["refine-control"] = (refine_control.HELP, refine_control.add_arguments, refine_control.run)
-    SUBCOMMANDS["refine-control-eval"] = (refine_control.EVAL_HELP, refine_control.add_eval_arguments, refine_control.run_eval)
-    try:
-        from . import evaluate
-    except ImportError:  # pragma: no cover - evaluate ships with the package
-        return
     SUBCOMMANDS["eval"] = (evaluate.HELP, evaluate.add_arguments, evaluate.run)
+    SUBCOMMANDS["refine-control"] = (refine_control.HELP, refine_control.add_arguments, refine_control.run)
+    SUBCOMMANDS["refine-control-eval"] = (refine_control.EVAL_HELP, refine_control.add_eval_arguments,
+                                          refine_control.run_eval)
 
 
 _register()
@@ -36,8 +32,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
-        if not SUBCOMMANDS:
-            print("\nNo training subcommand is available in this version yet.")
         return 0
     return SUBCOMMANDS[args.command][2](args)
 
