@@ -19,13 +19,26 @@ CHROMIUM_ARGS = [
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]
 
-# Model files and input images the example workflow names. The frontend only
-# needs the names (they fill the combo lists of /object_info); nothing is run.
-EXAMPLE_MODELS = {
-    "checkpoints": ["v1-5-pruned-emaonly.safetensors"],
-    "controlnet": ["control_v11p_sd15_canny.safetensors", "control_v11p_sd15_openpose.safetensors"],
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "example_workflows"
+
+# API input name -> the models folder its file comes from.
+MODEL_INPUT_FOLDERS = {
+    "ckpt_name": "checkpoints", "control_net_name": "controlnet", "vae_name": "vae",
+    "unet_name": "diffusion_models", "control_file": "controlnext", "unet_file": "controlnext",
 }
-EXAMPLE_INPUTS = ["balancedcontrol_canny_left.png", "balancedcontrol_pose_right.png"]
+
+
+def example_model_files() -> dict[str, set[str]]:
+    """models folder -> the file names the example workflows' API twins use."""
+    out: dict[str, set[str]] = {}
+    for path in sorted((EXAMPLES / "api").glob("*.json")):
+        for spec in json.loads(path.read_text()).values():
+            for name, value in spec.get("inputs", {}).items():
+                if name in MODEL_INPUT_FOLDERS and isinstance(value, str) and value != "none":
+                    out.setdefault(MODEL_INPUT_FOLDERS[name], set()).add(value)
+    return out
+
 
 # A first start (no settings yet) opens the template browser over the canvas;
 # a profile that has been used once does not.
@@ -51,18 +64,19 @@ def launch_chromium(playwright):
 
 
 def prepare_frontend_base(base: Path) -> Path:
-    """Fill a ComfyUI base directory (see headless.server) for loading the example in the UI."""
-    from PIL import Image
+    """Fill a ComfyUI base directory (see headless.server) for loading the examples in the UI.
 
+    The frontend only needs the model file names (they fill the combo lists of
+    /object_info), so empty placeholders stand in for the weights; the control
+    images are the real ones shipped in example_workflows/inputs."""
     base = Path(base)
-    for folder, names in EXAMPLE_MODELS.items():
+    for folder, names in example_model_files().items():
         (base / "models" / folder).mkdir(parents=True, exist_ok=True)
         for name in names:
             (base / "models" / folder / name).touch()
     (base / "input").mkdir(parents=True, exist_ok=True)
-    for i, name in enumerate(EXAMPLE_INPUTS):
-        if not (base / "input" / name).exists():
-            Image.new("RGB", (64, 64), (40 * i, 0, 0)).save(base / "input" / name)
+    for image in (EXAMPLES / "inputs").glob("*.png"):
+        shutil.copy2(image, base / "input" / image.name)
     user = base / "user" / "default"
     # The frontend lists these folders on start; a missing folder answers 404.
     for sub in ("workflows", "subgraphs"):
