@@ -405,3 +405,33 @@ def test_eval_metrics_measure_what_they_claim(tmp_path, tiny):
         assert all((lv["asym"] > 0) if positive else (lv["asym"] == 0) for lv in levels), levels
     evaluate.bar_chart({"asym": 1.0, "tv_silent": 0.5}, tmp_path / "c.png")
     assert Image.open(tmp_path / "c.png").size[0] > 100
+
+
+def test_training_attention_goes_through_comfyui_hook_and_leaves_its_module_alone(tiny, monkeypatch):
+    """Training picks its attention through transformer_options' optimized_attention_override,
+    for the UNet and the ControlNet alike; ComfyUI's module attributes stay untouched."""
+    import comfy.ldm.modules.attention as attention
+
+    before = (attention.optimized_attention, attention.optimized_attention_masked)
+    calls = []
+    real = O.explicit_softmax_attention
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(O, "explicit_softmax_attention", counting)  # the project's own function
+    model, cnet = tiny["model"], tiny["trained"]
+    batch = make_batch(b=1, seed=4, probes=False)
+    sigma, x_noisy = O.noisy_inputs(model, batch)
+    ms = model.model_sampling
+    x_in = ms.calculate_input(sigma, x_noisy)
+    with O.training_attention(forward_mode=True):
+        assert (attention.optimized_attention, attention.optimized_attention_masked) == before
+        O.controlled_eps(model, cnet, x_in, x_in, ms.timestep(sigma), batch.context, None, batch.hint)
+    n_attention_layers = sum(1 for n, _ in model.diffusion_model.named_modules() if n.endswith(("attn1", "attn2"))) \
+        + sum(1 for n, _ in cnet.named_modules() if n.endswith(("attn1", "attn2")))
+    assert len(calls) == n_attention_layers
+    calls.clear()
+    O.controlled_eps(model, cnet, x_in, x_in, ms.timestep(sigma), batch.context, None, batch.hint)
+    assert calls == []  # outside the context ComfyUI's own choice runs

@@ -118,13 +118,54 @@ def controlnet_config(unet_config: dict) -> dict:
     return cfg
 
 
+_TRAINABLE_CONTROLNET = None
+
+
+def trainable_controlnet_class():
+    """ComfyUI's cldm ControlNet whose forward hands ``transformer_options`` to
+    its blocks, like ComfyUI's UNet does (core's ControlNet forward passes
+    none). Training needs it to pick a differentiable attention through
+    ComfyUI's ``optimized_attention_override`` hook. The modules, and so the
+    saved keys, are exactly cldm's. Union ControlNets are not trained here."""
+    global _TRAINABLE_CONTROLNET
+    if _TRAINABLE_CONTROLNET is None:
+        import comfy.cldm.cldm
+        from comfy.ldm.modules.diffusionmodules.util import timestep_embedding
+
+        class TrainableControlNet(comfy.cldm.cldm.ControlNet):
+            def forward(self, x, hint, timesteps, context, y=None, transformer_options=None, **kwargs):
+                if self.control_add_embedding is not None:
+                    raise ValueError("union ControlNets cannot be trained with python -m training")
+                to = transformer_options or {}
+                emb = self.time_embed(timestep_embedding(timesteps, self.model_channels, repeat_only=False).to(x.dtype))
+                if self.num_classes is not None:
+                    if y is None:
+                        raise ValueError("this ControlNet needs the class embedding input y (an SDXL base)")
+                    emb_h = emb + self.label_emb(y)
+                else:
+                    emb_h = emb
+                # The hint encoder sees the time embedding without the class term, as in cldm.
+                guided_hint = self.input_hint_block(hint, emb, context, transformer_options=to)
+                outputs, h = [], x
+                for i, (module, zero_conv) in enumerate(zip(self.input_blocks, self.zero_convs)):
+                    h = module(h, emb_h, context, transformer_options=to)
+                    if i == 0:
+                        h = h + guided_hint
+                    outputs.append(zero_conv(h, emb_h, context, transformer_options=to))
+                h = self.middle_block(h, emb_h, context, transformer_options=to)
+                return {"middle": [self.middle_block_out(h, emb_h, context, transformer_options=to)],
+                        "output": outputs}
+
+        _TRAINABLE_CONTROLNET = TrainableControlNet
+    return _TRAINABLE_CONTROLNET
+
+
 def build_controlnet(unet_config: dict, hint_channels: int = 3, device="cpu") -> torch.nn.Module:
-    """An uninitialised fp32 cldm ControlNet for a UNet of ``unet_config``."""
-    import comfy.cldm.cldm
+    """An uninitialised fp32 ControlNet (cldm layout) for a UNet of ``unet_config``."""
     import comfy.ops
 
-    return comfy.cldm.cldm.ControlNet(hint_channels=hint_channels, operations=comfy.ops.disable_weight_init,
-                                      device=device, dtype=torch.float32, **controlnet_config(unet_config))
+    return trainable_controlnet_class()(hint_channels=hint_channels, operations=comfy.ops.disable_weight_init,
+                                        device=device, dtype=torch.float32, **controlnet_config(unet_config))
 
 
 @torch.no_grad()

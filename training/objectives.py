@@ -29,6 +29,7 @@ ControlNet path and the loss is differentiated w.r.t. the ControlNet only.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from dataclasses import dataclass
 
 import torch
@@ -61,7 +62,7 @@ def injection_options(granularity: str = "layer", max_lambda: float = 20.0, mode
     settings the sampler would find (no balance record). ``mode`` is
     ``micontrolnet`` (add^inj) or ``vanilla`` (plain add, for the warm-up)."""
     mi = mi_control()
-    return {"cond_or_uncond": [0],
+    return {"cond_or_uncond": [0], **attention_options(),
             mi.SETTINGS_KEY: mi.settings_dict(mode, granularity, max_lambda, record_balance=False)}
 
 
@@ -79,7 +80,8 @@ def controlled_eps(model, cnet, x_unet: torch.Tensor, x_control: torch.Tensor, t
     ControlNet get (the same tensor in plain training; the ControlNet's may
     carry a forward-mode tangent for L_QC)."""
     mi = mi_control()
-    residuals = cnet(x=x_control, hint=hint, timesteps=timestep, context=context, y=y)
+    residuals = cnet(x=x_control, hint=hint, timesteps=timestep, context=context, y=y,
+                     transformer_options=attention_options())
     options = injection_options(granularity, max_lambda, mode)
     mi.BalancedInjection.for_call(options).add(TRAINING_LABEL, residuals, None)
     dtype = unet_dtype(model)
@@ -153,28 +155,46 @@ def explicit_softmax_attention(q, k, v, heads, mask=None, attn_precision=None, s
     return out.transpose(1, 2).reshape(b, -1, heads * dim_head)
 
 
+# The attention implementation training forwards use, chosen per step by
+# training_attention(); None leaves ComfyUI's own choice.
+_TRAINING_ATTENTION: contextvars.ContextVar = contextvars.ContextVar("training_attention", default=None)
+
+
+def attention_override(func, *args, **kwargs):
+    """ComfyUI's public ``optimized_attention_override`` hook (a key of
+    transformer_options that every attention call consults): route the call to
+    the implementation training_attention() selected."""
+    impl = _TRAINING_ATTENTION.get()
+    if impl is None:
+        return func(*args, **kwargs)
+    return impl(*args, **kwargs)
+
+
+def attention_options() -> dict:
+    """transformer_options entries that make a forward use training's attention."""
+    return {"optimized_attention_override": attention_override}
+
+
 @contextlib.contextmanager
 def training_attention(forward_mode: bool = False):
-    """Run ComfyUI's attention through a differentiable implementation.
+    """Run the forwards given ``attention_options()`` through a differentiable attention.
 
     ComfyUI picks its attention per machine: on CPU sub-quadratic attention,
     which exponentiates in place (no backward through it), elsewhere SDPA,
     xformers or sage (no double backward or forward-mode AD for the fused
     kernels). Training uses ``attention_pytorch`` (SDPA) for plain steps and
-    ``explicit_softmax_attention`` when forward-mode products are taken.
-    ComfyUI's CrossAttention looks the function up in its module at call time
-    and the ControlNet's blocks get no transformer_options to override it, so
-    the module attribute is swapped for the duration and restored after."""
+    ``explicit_softmax_attention`` when forward-mode products are taken. The
+    choice travels through ComfyUI's ``optimized_attention_override`` hook in
+    transformer_options (the ControlNet gets them through
+    ``models.TrainableControlNet``); nothing in ComfyUI's modules changes."""
     import comfy.ldm.modules.attention as attention
 
     impl = explicit_softmax_attention if forward_mode else attention.attention_pytorch
-    saved = attention.optimized_attention, attention.optimized_attention_masked
-    attention.optimized_attention = impl
-    attention.optimized_attention_masked = impl
+    token = _TRAINING_ATTENTION.set(impl)
     try:
         yield
     finally:
-        attention.optimized_attention, attention.optimized_attention_masked = saved
+        _TRAINING_ATTENTION.reset(token)
 
 
 def loss_terms(model, cnet, batch: Batch, qc_weight: float = 0.0, granularity: str = "layer",
