@@ -108,6 +108,16 @@ def per_row_loss(net: torch.nn.Module, model, batch) -> torch.Tensor:
     return per_row_mse(eps, batch.noise)
 
 
+def param_groups(module: torch.nn.Module, unet_params: dict, lr: float, module_lr_scale: float) -> list[dict]:
+    """Optimizer groups: the module at ``lr × module_lr_scale``, the UNet subset at ``lr``.
+    ``lr_scale`` keeps the ratio when a schedule sets the rate."""
+    groups = [{"params": list(module.parameters()), "lr": lr * module_lr_scale, "lr_scale": module_lr_scale,
+               "name": "control module"}]
+    if unet_params:
+        groups.append({"params": list(unet_params.values()), "lr": lr, "lr_scale": 1.0, "name": "unet subset"})
+    return groups
+
+
 def new_module(seed: int) -> torch.nn.Module:
     """A fresh 52-tensor module with PyTorch's default init (ControlNeXt's
     module is not zero-initialised: Cross Normalization fixes its scale)."""
@@ -212,12 +222,8 @@ class ControlNeXtTrainer(MIControlNetTrainer):
             self.cnet = torch.nn.parallel.DistributedDataParallel(net, **ddp_kwargs)
         else:
             self.cnet = net
-        groups = [{"params": list(module.parameters()), "lr": a.learning_rate * a.module_lr_scale,
-                   "lr_scale": a.module_lr_scale, "name": "control module"}]
-        if selected:
-            groups.append({"params": list(selected.values()), "lr": a.learning_rate, "lr_scale": 1.0,
-                           "name": "unet subset"})
-        self.optimizer = torch.optim.AdamW(groups, lr=a.learning_rate, weight_decay=a.weight_decay)
+        self.optimizer = torch.optim.AdamW(param_groups(module, selected, a.learning_rate, a.module_lr_scale),
+                                           lr=a.learning_rate, weight_decay=a.weight_decay)
         self.scaler = torch.amp.GradScaler(device.type, enabled=a.mixed_precision == "fp16")
         if resume_state is not None:
             self._restore_run_state(self.store.resolve(a.resume), resume_state)
