@@ -32,7 +32,7 @@ from test_controlnext_server import api_prompt, saved_image
 from test_training import write_dataset
 
 CPU = torch.device("cpu")
-STEPS = 6
+STEPS = 4
 
 
 # --- in process, on the small SD1.5-family UNet --------------------------------------------------
@@ -95,7 +95,7 @@ def test_a_few_steps_lower_the_loss_and_only_the_module_and_the_regex_subset_cha
     batch = fixed_batch(seed=1)
     losses = []
     with O.training_attention():
-        for step in range(6):
+        for step in range(4):
             loss = T.per_row_loss(net, model, batch).mean()
             opt.zero_grad()
             loss.backward()
