@@ -561,6 +561,40 @@ class ControlNeXtCall:
         return h + combined.to(h.dtype)
 
 
+@dataclasses.dataclass(frozen=True)
+class _TrainedFeatureSource:
+    """What ``ControlNeXtCall.inject`` reads of a control (variant, mask) for
+    features computed by the caller."""
+
+    variant: Variant
+    mask: torch.Tensor | None = None
+
+
+def training_call(unet, variant: Variant, features: torch.Tensor, strength: float = 1.0) -> ControlNeXtCall:
+    """A ``ControlNeXtCall`` for module outputs computed by the caller, one per
+    batch row and still attached to the autograd graph (training), injected at
+    ``variant``'s place exactly as at sampling."""
+    n = features.shape[0]
+    call = ControlNeXtCall("sum", injection_block_ids(unet))
+    rows = torch.arange(n, device=features.device)
+    scale = torch.full((n,), float(strength) * variant.fixed_scale, dtype=torch.float32, device=features.device)
+    call.points[variant.injection] = [_Prepared(_TrainedFeatureSource(variant), features, rows, scale, rows)]
+    return call
+
+
+def call_transformer_options(call: ControlNeXtCall, transformer_options: dict | None = None) -> dict:
+    """transformer_options for a direct UNet call that injects ``call`` through
+    the patch functions the sampler uses."""
+    options = dict(transformer_options or {})
+    patches = {k: list(v) for k, v in options.get("patches", {}).items()}
+    patches.setdefault("input_block_patch_after_skip", []).append(input_block_patch_after_skip)
+    patches.setdefault("output_block_patch", []).append(output_block_patch)
+    options["patches"] = patches
+    options[CALL_KEY] = call
+    options.setdefault("cond_or_uncond", [0])
+    return options
+
+
 def _mask_rows(mask: torch.Tensor, row_hint: torch.Tensor, size, device) -> torch.Tensor:
     m = mask.to(device).unsqueeze(1)
     m = comfy.utils.common_upscale(m, size[1], size[0], "bilinear", "center")

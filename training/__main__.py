@@ -9,9 +9,10 @@ SUBCOMMANDS: dict = {}
 def _register():
     # Heavy modules (torch, ComfyUI) are imported by each subcommand's run(),
     # so --help answers at once.
-    from . import evaluate, micontrolnet, refine_control
+    from . import controlnext, evaluate, micontrolnet, refine_control
 
     SUBCOMMANDS["micontrolnet"] = (micontrolnet.HELP, micontrolnet.add_arguments, micontrolnet.run)
+    SUBCOMMANDS["controlnext"] = (controlnext.HELP, controlnext.add_arguments, controlnext.run)
     SUBCOMMANDS["eval"] = (evaluate.HELP, evaluate.add_arguments, evaluate.run)
     SUBCOMMANDS["refine-control"] = (refine_control.HELP, refine_control.add_arguments, refine_control.run)
     SUBCOMMANDS["refine-control-eval"] = (refine_control.EVAL_HELP, refine_control.add_eval_arguments,

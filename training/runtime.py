@@ -41,3 +41,10 @@ def balance():
     from balanced_control.model_patches import balance as module
 
     return module
+
+
+def controlnext():
+    extension()
+    from balanced_control.model_patches import controlnext as module
+
+    return module

@@ -99,16 +99,19 @@ class MIControlNetTrainer:
         self.optimizer = torch.optim.AdamW(cnet.parameters(), lr=a.learning_rate, weight_decay=a.weight_decay)
         self.scaler = torch.amp.GradScaler(device.type, enabled=a.mixed_precision == "fp16")
         if resume_state is not None:
-            ckpt = self.store.resolve(a.resume)
-            engine.load_optimizer(self.optimizer, engine.load_tensors(ckpt / "optimizer.safetensors"),
-                                  resume_state["optimizer"])
-            if "scaler" in resume_state and self.scaler.is_enabled():
-                self.scaler.load_state_dict(resume_state["scaler"])
-            rng_file = ckpt / f"rng-rank{dist.rank}.safetensors"
-            if rng_file.is_file():
-                rng = engine.load_tensors(rng_file)
-                engine.set_rng_state({"torch": rng["torch"], **resume_state["rng"][str(dist.rank)],
-                                      **({"cuda": rng["cuda"]} if "cuda" in rng else {})})
+            self._restore_run_state(self.store.resolve(a.resume), resume_state)
+
+    def _restore_run_state(self, ckpt: Path, resume_state: dict) -> None:
+        """Optimizer, loss scaler and this rank's RNG from a checkpoint folder."""
+        engine.load_optimizer(self.optimizer, engine.load_tensors(ckpt / "optimizer.safetensors"),
+                              resume_state["optimizer"])
+        if resume_state.get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(resume_state["scaler"])
+        rng_file = ckpt / f"rng-rank{self.dist.rank}.safetensors"
+        if rng_file.is_file():
+            rng = engine.load_tensors(rng_file)
+            engine.set_rng_state({"torch": rng["torch"], **resume_state["rng"][str(self.dist.rank)],
+                                  **({"cuda": rng["cuda"]} if "cuda" in rng else {})})
 
     def _check_resume_compatible(self, state: dict) -> None:
         saved = state["args"]
@@ -290,9 +293,8 @@ class MIControlNetTrainer:
         try:
             if ok and tmp.is_dir():
                 opt_tensors, opt_rest = engine.optimizer_tensors(self.optimizer)
-                engine.save_tensors({k: v.float() for k, v in self.cnet_module.state_dict().items()},
-                                    tmp / "controlnet.safetensors",
-                                    metadata={"format": "ControlNet v1.1 (ldm)"})
+                for file_name, (tensors, metadata) in self.checkpoint_weights().items():
+                    engine.save_tensors(tensors, tmp / file_name, metadata=metadata)
                 engine.save_tensors(opt_tensors, tmp / "optimizer.safetensors")
                 state = {"version": STATE_VERSION, "step": step, "world": dist.world,
                          "samples_seen": step * self.args.batch_size * dist.world * self.args.gradient_accumulation,
@@ -305,6 +307,11 @@ class MIControlNetTrainer:
             log.error("checkpoint at step %d not written (%s); the previous one is intact", step, e)
         dist.barrier()
         return final
+
+    def checkpoint_weights(self) -> dict:
+        """File name -> (fp32 tensors, metadata) of the trained weights in a resumable checkpoint."""
+        return {"controlnet.safetensors": ({k: v.float() for k, v in self.cnet_module.state_dict().items()},
+                                           {"format": "ControlNet v1.1 (ldm)"})}
 
     def _gather_rng(self) -> dict:
         mine = getattr(self, "_rng_json", None) or {}

@@ -1,0 +1,150 @@
+"""``python -m training controlnext``: train a ControlNeXt control module and
+a selected subset of the base UNet.
+
+The control module (the 52-tensor, 320-channel architecture of
+``model_patches.controlnext_arch``) is injected with Cross Normalization at
+the place ``model_patches.controlnext`` injects it at sampling (SDXL: after
+input block 0; SD1.5: after the first level's downsample), through the same
+``ControlNeXtCall`` and UNet patch functions, so what is trained is what
+samples. The outputs are the files ``ControlNeXtLoader`` reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+
+HELP = "train a ControlNeXt control module and a regex-selected subset of the UNet"
+
+DESCRIPTION = """\
+Train a ControlNeXt control module (52 tensors, 320 channels) together with a
+small subset of the base UNet's weights, on an SD1.5 or SDXL checkpoint.
+
+The module's feature is added to the UNet once, after Cross Normalization, at
+the place the Apply ControlNeXt node injects it for that base model:
+SDXL after input block 0 (conv_in), SD1.5 after the first level's downsample.
+The UNet parameters whose ComfyUI names match --unet-pattern are trained
+(default: attn2.to_out for SDXL, to_out for SD1.5) with --learning-rate; the
+module is trained with --learning-rate x --module-lr-scale (default 10x).
+
+Outputs in OUTPUT/ (load both with the Load ControlNeXt node from
+models/controlnext):
+  NAME.safetensors              the control module (official key layout)
+  NAME_unet.safetensors         the UNet subset as absolute weights, or
+  NAME_unet_delta.safetensors   the UNet subset as W_trained - W_base
+The loader applies SDXL UNet files as differences, and SD1.5 files as absolute
+weights unless the file name contains 'delta', 'diff' or 'increa'.
+
+Multi-GPU / multi-node: torchrun --nproc_per_node 8 -m training controlnext ...
+--batch-size is per rank; the global batch is batch-size x ranks x
+--gradient-accumulation. See docs/training.md for the data layout.
+"""
+
+# The variant of model_patches.controlnext that a base family trains.
+VARIANT_OF_FAMILY = {"SD1.5": "sd15_training", "SDXL": "sdxl"}
+DEFAULT_UNET_PATTERN = {"SD1.5": r"to_out", "SDXL": r"attn2\.to_out"}
+DEFAULT_UNET_WEIGHTS = {"SD1.5": "absolute", "SDXL": "delta"}
+NO_UNET = "none"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.description = DESCRIPTION
+    g = p.add_argument_group("model")
+    g.add_argument("--base", required=True, help="single-file SD1.5 or SDXL checkpoint (.safetensors); its text "
+                   "encoder, VAE and the UNet outside --unet-pattern stay frozen")
+    g.add_argument("--family", default="auto", choices=["auto", "sd1.5", "sdxl"],
+                   help="expected family of --base; the run stops at start if the checkpoint is another (default: auto)")
+    g.add_argument("--init-module", default=None, metavar="FILE",
+                   help="start from this 52-tensor ControlNeXt module (.safetensors) instead of a fresh one")
+    g.add_argument("--unet-pattern", default=None, metavar="REGEX",
+                   help="regular expression (re.search) over the UNet's ComfyUI parameter names, e.g. "
+                        "'input_blocks.1.1.transformer_blocks.0.attn2.to_out.0.weight'; matching parameters are "
+                        "trained. 'none' trains the module only (default: attn2\\.to_out for SDXL, to_out for SD1.5)")
+    g.add_argument("--unet-weights", default="auto", choices=["auto", "delta", "absolute"],
+                   help="write the UNet subset as W_trained - W_base (delta, transfers across bases of the family) "
+                        "or as absolute weights. The loader applies SDXL files as differences, so SDXL needs delta "
+                        "(default: auto = delta for SDXL, absolute for SD1.5, as the official releases)")
+    g.add_argument("--strength", type=float, default=1.0,
+                   help="scale of the injected control while training; use the same strength in Apply ControlNeXt "
+                        "(the official SD1.5 canny run used 0.35) (default: 1)")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data", required=True, help="dataset folder (images/, conditions/) or JSONL file")
+    g.add_argument("--condition", default="file", choices=["file", "canny"],
+                   help="condition images from the dataset, or canny edges computed on the fly (default: file)")
+    g.add_argument("--canny-low", type=int, default=100, help="canny lower threshold (default: 100)")
+    g.add_argument("--canny-high", type=int, default=200, help="canny upper threshold (default: 200)")
+    g.add_argument("--resolution", type=int, default=512, help="training resolution, divisible by 64 (default: 512)")
+    g.add_argument("--empty-prompt-prob", type=float, default=0.0,
+                   help="fraction of samples trained with an empty prompt (official SDXL runs: 0.2) (default: 0)")
+    g.add_argument("--cache-latents", action="store_true",
+                   help="encode each target image with the VAE once and keep the latent in memory")
+    g.add_argument("--num-workers", type=int, default=0, help="data loading processes per rank (default: 0)")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--max-steps", type=int, default=1000, help="optimizer steps to train to (default: 1000)")
+    g.add_argument("--batch-size", type=int, default=1, help="samples per rank per micro-step (default: 1)")
+    g.add_argument("--gradient-accumulation", type=int, default=1, help="micro-steps per optimizer step (default: 1)")
+    g.add_argument("--learning-rate", type=float, default=1e-5,
+                   help="AdamW learning rate of the UNet subset (default: 1e-5)")
+    g.add_argument("--module-lr-scale", type=float, default=10.0,
+                   help="the control module's learning rate is --learning-rate times this (default: 10)")
+    g.add_argument("--lr-warmup-steps", type=int, default=0, help="linear warm-up steps, both rates (default: 0)")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: 0)")
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm, 0 = off (default: 1)")
+    g.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"],
+                   help="compute precision; the frozen UNet is stored in it, the module and the trained UNet "
+                        "subset stay fp32 (fp16 adds loss scaling) (default: no)")
+    g.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute the UNet's block activations in backward to save memory")
+    g.add_argument("--seed", type=int, default=0, help="seed of the whole run (init, data order, noise) (default: 0)")
+    g.add_argument("--deterministic", action="store_true", help="use deterministic kernels (slower on GPU)")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto; ranks use their LOCAL_RANK GPU)")
+
+    g = p.add_argument_group("output")
+    g.add_argument("--output", required=True, help="output folder: checkpoints/, log.csv, NAME*.safetensors")
+    g.add_argument("--name", default="controlnext", help="file name stem of the outputs (default: controlnext)")
+    g.add_argument("--save-dtype", default="fp16", choices=["fp16", "bf16", "fp32"],
+                   help="dtype of the exported files (default: fp16)")
+    g.add_argument("--checkpoint-every", type=int, default=500, help="write a resumable checkpoint every N steps "
+                   "(default: 500; one is always written at the end)")
+    g.add_argument("--keep-checkpoints", type=int, default=3, help="resumable checkpoints to keep (default: 3)")
+    g.add_argument("--resume", default=None, metavar="latest|DIR",
+                   help="continue from the newest checkpoint in OUTPUT/checkpoints, or from a checkpoint folder")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar (the CSV log is still written)")
+
+
+def run(args) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _check_args(args)
+    from .controlnext_trainer import ControlNeXtTrainer
+
+    return ControlNeXtTrainer(args).train()
+
+
+def _check_args(args) -> None:
+    problems = []
+    if args.resolution % 64:
+        problems.append(f"--resolution must be divisible by 64, got {args.resolution}")
+    for name in ("max_steps", "batch_size", "gradient_accumulation", "checkpoint_every"):
+        if getattr(args, name) < 1:
+            problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not 0.0 <= args.empty_prompt_prob <= 1.0:
+        problems.append(f"--empty-prompt-prob must be in [0, 1], got {args.empty_prompt_prob}")
+    if args.module_lr_scale <= 0:
+        problems.append(f"--module-lr-scale must be > 0, got {args.module_lr_scale}")
+    if args.unet_pattern not in (None, NO_UNET):
+        try:
+            re.compile(args.unet_pattern)
+        except re.error as e:
+            problems.append(f"--unet-pattern {args.unet_pattern!r} is not a regular expression ({e})")
+    if problems:
+        raise SystemExit("training controlnext: " + "; ".join(problems))
+
+
+def lr_at(step: int, base_lr: float, warmup: int) -> float:
+    return base_lr if warmup <= 0 else base_lr * min(1.0, (step + 1) / warmup)
+
+

@@ -1,0 +1,349 @@
+"""The ControlNeXt training loop (see ``controlnext.py`` for the options).
+
+Reuses the MIControlNet trainer's run infrastructure (text and latent
+caches, batches, atomic checkpoints with RNG state) and replaces the model:
+a ControlNeXt module plus the regex-selected UNet parameters, injected by
+``model_patches.controlnext``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import time
+from pathlib import Path
+
+import torch
+
+from . import engine
+from .controlnext import DEFAULT_UNET_PATTERN, DEFAULT_UNET_WEIGHTS, NO_UNET, VARIANT_OF_FAMILY, lr_at
+from .runtime import controlnext as cnx_patches
+from .trainer import SAVE_DTYPES, MIControlNetTrainer, _null
+
+log = logging.getLogger("training")
+
+MODULE_FILE = "controlnext.safetensors"
+UNET_SUBSET_FILE = "unet_subset.safetensors"
+
+
+class ControlNeXtLog(engine.CsvLog):
+    FIELDS = ["step", "loss", "lr", "module_lr", "samples_per_s", "elapsed_s"]
+
+
+def select_unet_parameters(unet: torch.nn.Module, pattern: str | None) -> dict:
+    """ComfyUI parameter name (without ``diffusion_model.``) -> Parameter, for
+    every UNet parameter whose name matches ``pattern`` (re.search)."""
+    if pattern in (None, NO_UNET):
+        return {}
+    rx = re.compile(pattern)
+    return {name: p for name, p in unet.named_parameters() if rx.search(name)}
+
+
+def diffusers_names(unet_config: dict) -> dict:
+    """ComfyUI UNet key -> diffusers name (the names the official files use)."""
+    import comfy.utils
+
+    return {comfy: diffusers for diffusers, comfy in comfy.utils.unet_to_diffusers(unet_config).items()}
+
+
+def unet_subset_file_tensors(trained: dict, original: dict, weights: str, unet_config: dict,
+                             dtype: torch.dtype) -> dict:
+    """The UNet subset as ``ControlNeXtLoader`` reads it: diffusers names where
+    ComfyUI has a mapping (ComfyUI names otherwise, which the loader accepts
+    too), absolute weights or differences W_trained − W_base."""
+    to_diffusers = diffusers_names(unet_config)
+    out = {}
+    for name, w in trained.items():
+        w = w.detach().to("cpu", torch.float32)
+        if weights == "delta":
+            w = w - original[name].to(torch.float32)  # the difference in fp32, then rounded once
+        out[to_diffusers.get(name, name)] = w.to(dtype).contiguous()
+    return out
+
+
+class ControlledUNet(torch.nn.Module):
+    """ε-prediction of the base UNet with the ControlNeXt module injected.
+
+    Holds the trainable parameters (the module and the shared UNet subset
+    Parameters) so that DDP and the optimizer see exactly those; the frozen
+    model is kept outside the module tree."""
+
+    def __init__(self, model, variant, module: torch.nn.Module, unet_params: dict, strength: float = 1.0):
+        super().__init__()
+        self.control = module
+        self.unet_names = list(unet_params)
+        self.unet_subset = torch.nn.ParameterList(list(unet_params.values()))  # the UNet's own Parameters
+        self._frozen = [model]  # a list: not a submodule, so not in state_dict / DDP buckets
+        self.variant = variant
+        self.strength = strength
+
+    @property
+    def model(self):
+        return self._frozen[0]
+
+    def forward(self, x_in: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None,
+                hint: torch.Tensor) -> torch.Tensor:
+        from .objectives import unet_dtype
+
+        cx = cnx_patches()
+        model = self.model
+        unet = model.diffusion_model
+        features = self.control(hint.to(self.control.dtype), timestep.to(torch.float32))
+        call = cx.training_call(unet, self.variant, features, self.strength)
+        options = cx.call_transformer_options(call)
+        dtype = unet_dtype(model)
+        return unet(x_in.to(dtype), timestep, context=context.to(dtype), y=None if y is None else y.to(dtype),
+                    control=None, transformer_options=options)
+
+
+def per_row_loss(net: torch.nn.Module, model, batch) -> torch.Tensor:
+    """ε-MSE per row, with ComfyUI's noise scaling and timesteps of the checkpoint."""
+    from .objectives import noisy_inputs, per_row_mse
+
+    ms = model.model_sampling
+    sigma, x_noisy = noisy_inputs(model, batch)
+    eps = net(ms.calculate_input(sigma, x_noisy), ms.timestep(sigma).float(), batch.context, batch.y, batch.hint)
+    return per_row_mse(eps, batch.noise)
+
+
+def param_groups(module: torch.nn.Module, unet_params: dict, lr: float, module_lr_scale: float) -> list[dict]:
+    """Optimizer groups: the module at ``lr × module_lr_scale``, the UNet subset at ``lr``.
+    ``lr_scale`` keeps the ratio when a schedule sets the rate."""
+    groups = [{"params": list(module.parameters()), "lr": lr * module_lr_scale, "lr_scale": module_lr_scale,
+               "name": "control module"}]
+    if unet_params:
+        groups.append({"params": list(unet_params.values()), "lr": lr, "lr_scale": 1.0, "name": "unet subset"})
+    return groups
+
+
+def new_module(seed: int) -> torch.nn.Module:
+    """A fresh 52-tensor module with PyTorch's default init (ControlNeXt's
+    module is not zero-initialised: Cross Normalization fixes its scale)."""
+    from balanced_control.model_patches.controlnext_arch import CONFIG_320, ControlNeXtModule
+
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        return ControlNeXtModule(CONFIG_320)
+    finally:
+        torch.random.set_rng_state(state)
+
+
+class ControlNeXtTrainer(MIControlNetTrainer):
+    # ------------------------------------------------------------------ setup
+    def _setup(self):
+        from . import data, models
+
+        cx = cnx_patches()
+        a, dist = self.args, self.dist
+        engine.seed_everything(a.seed, a.deterministic)
+        self.base = models.load_base_model(a.base, a.family, engine.PRECISIONS[a.mixed_precision])
+        family = self.base.family
+        self.unet_weights = DEFAULT_UNET_WEIGHTS[family] if a.unet_weights == "auto" else a.unet_weights
+        if family == "SDXL" and self.unet_weights == "absolute":
+            raise SystemExit("training controlnext: --unet-weights absolute on an SDXL base: ControlNeXtLoader "
+                             "applies SDXL UNet files as weight differences (as the official release), so absolute "
+                             "weights would be added to the base. Use --unet-weights delta (or auto).")
+        report = data.scan_dataset(a.data, need_condition=a.condition == "file")
+        self.skipped_at_scan = len(report.skipped)
+        self.records = report.records
+        if dist.main:
+            log.info("base checkpoint: %s (%s); dataset: %d samples, %d skipped", a.base, family,
+                     len(report.records), len(report.skipped))
+        options = data.SampleOptions(
+            resolution=a.resolution, condition=a.condition, canny_low=a.canny_low, canny_high=a.canny_high,
+            rebalance_prob=0.0, keep_prob=1.0, superpixels=0, empty_prompt_prob=a.empty_prompt_prob, probes=False,
+            latent_channels=self.base.model.latent_format.latent_channels,
+            num_timesteps=int(self.base.model.model_sampling.sigmas.shape[0]))
+        self.samples = data.TrainingSamples(self.records, options, a.seed)
+
+        module = new_module(a.seed)
+        if a.init_module:
+            sd = cx.load_state_dict_file(a.init_module)
+            layout = cx.ControlNeXtWeights(sd, Path(a.init_module).name).layout
+            if layout != "320":
+                raise SystemExit(f"training controlnext: --init-module {a.init_module}: expected the 52-tensor "
+                                 f"module ({cx.LAYOUT_DESCRIPTIONS['320']}), found the {layout!r} layout.")
+            module.load_state_dict({k: v.float() for k, v in cx._strip_common_prefix(sd).items()})
+        # The variant the loader will resolve for this module on this base (checks the injection width).
+        self.variant = cx.resolve_variant(cx.ControlNeXtWeights(module.state_dict(), "control module"),
+                                          self.base.patcher)
+        assert self.variant.key == VARIANT_OF_FAMILY[family], (self.variant.key, family)
+
+        unet = self.base.unet
+        pattern = DEFAULT_UNET_PATTERN[family] if a.unet_pattern is None else a.unet_pattern
+        selected = select_unet_parameters(unet, pattern)
+        if pattern != NO_UNET and not selected:
+            example = next(iter(dict(unet.named_parameters())))
+            raise SystemExit(f"training controlnext: --unet-pattern {pattern!r} matches no UNet parameter. "
+                             f"Names look like {example!r}; pass a regex over those, or 'none' to train the "
+                             f"module only.")
+        for p in selected.values():
+            p.data = p.data.to(torch.float32)  # fp32 master weights whatever the compute dtype
+            p.requires_grad_(True)
+        self.unet_original = {k: p.detach().to("cpu", torch.float32, copy=True) for k, p in selected.items()}
+        if dist.main:
+            n_unet = sum(p.numel() for p in selected.values())
+            log.info("variant %s (inject at %s); UNet subset %r: %d tensors, %d parameters", self.variant.title,
+                     self.variant.injection, pattern, len(selected), n_unet)
+
+        self.start_step = 0
+        resume_state = None
+        if a.resume:
+            ckpt = self.store.resolve(a.resume)
+            resume_state = json.loads((ckpt / "state.json").read_text())
+            module.load_state_dict(engine.load_tensors(ckpt / MODULE_FILE))
+            saved = engine.load_tensors(ckpt / UNET_SUBSET_FILE) if (ckpt / UNET_SUBSET_FILE).is_file() else {}
+            if set(saved) != set(selected):
+                raise SystemExit(f"training controlnext: --resume {ckpt}: the checkpoint trained {len(saved)} UNet "
+                                 f"tensors, --unet-pattern {pattern!r} selects {len(selected)}. Resume with the "
+                                 f"pattern of the interrupted run.")
+            with torch.no_grad():
+                for k, p in selected.items():
+                    p.copy_(saved[k])
+            self.start_step = int(resume_state["step"])
+            self._check_resume_compatible(resume_state)
+            if dist.main:
+                log.info("resuming from %s (step %d)", ckpt, self.start_step)
+
+        device = dist.device
+        unet.to(device=device)
+        module = module.to(device=device, dtype=torch.float32)
+        if a.gradient_checkpointing:
+            n = models.enable_gradient_checkpointing(unet)
+            if dist.main:
+                log.info("gradient checkpointing on %d blocks", n)
+        net = ControlledUNet(self.base.model, self.variant, module, selected, a.strength)
+        self.cnet_module = net
+        if dist.enabled:
+            ddp_kwargs = {"device_ids": [device.index]} if device.type == "cuda" else {}
+            self.cnet = torch.nn.parallel.DistributedDataParallel(net, **ddp_kwargs)
+        else:
+            self.cnet = net
+        self.optimizer = torch.optim.AdamW(param_groups(module, selected, a.learning_rate, a.module_lr_scale),
+                                           lr=a.learning_rate, weight_decay=a.weight_decay)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=a.mixed_precision == "fp16")
+        if resume_state is not None:
+            self._restore_run_state(self.store.resolve(a.resume), resume_state)
+
+    def _check_resume_compatible(self, state: dict) -> None:
+        super()._check_resume_compatible(state)
+        saved = state["args"]
+        for key in ("learning_rate", "module_lr_scale", "strength"):
+            if key in saved and saved[key] != getattr(self.args, key):
+                log.warning("resume: --%s was %s in the checkpoint and is %s now", key.replace("_", "-"),
+                            saved[key], getattr(self.args, key))
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> int:
+        from . import data, objectives
+
+        try:
+            self._setup()
+            a, dist = self.args, self.dist
+            sampler = data.PositionSampler(len(self.records), a.seed, self.start_step, a.max_steps,
+                                           a.batch_size, a.gradient_accumulation, dist.world, dist.rank)
+            loader = torch.utils.data.DataLoader(self.samples, batch_sampler=sampler, collate_fn=data.collate,
+                                                 num_workers=a.num_workers)
+            csv_log = ControlNeXtLog(self.output / "log.csv", self.start_step if a.resume else None) \
+                if dist.main else None
+            if dist.main:
+                (self.output / "args.json").write_text(json.dumps(vars(a), indent=1, default=str))
+            bar = engine.progress_bar(a.max_steps, self.start_step, dist.main and not a.no_progress)
+            autocast = engine.autocast_context(dist.device, a.mixed_precision)
+            step, micro, loss_sum = self.start_step, 0, 0.0
+            timer = engine.StepTimer()
+            t_start = time.perf_counter()
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            with objectives.training_attention():
+                for items in loader:
+                    batch = self._batch(items, probes=False)
+                    last_micro = micro == a.gradient_accumulation - 1
+                    ctx = self.cnet.no_sync() if dist.enabled and not last_micro else _null()
+                    with ctx:
+                        with autocast:
+                            rows = per_row_loss(self.cnet, self.base.model, batch)
+                        self.scaler.scale(rows.mean() / a.gradient_accumulation).backward()
+                    loss_sum += float(rows.detach().mean()) / a.gradient_accumulation
+                    micro += 1
+                    if not last_micro:
+                        continue
+                    micro = 0
+                    lr = lr_at(step, a.learning_rate, a.lr_warmup_steps)
+                    for group in self.optimizer.param_groups:
+                        group["lr"] = lr * group["lr_scale"]
+                    self.scaler.unscale_(self.optimizer)
+                    if a.max_grad_norm > 0:
+                        torch.nn.utils.clip_grad_norm_(params, a.max_grad_norm)
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    step += 1
+                    loss = dist.all_reduce_mean(loss_sum)
+                    loss_sum = 0.0
+                    if not math.isfinite(loss):
+                        raise FloatingPointError(f"step {step}: the loss is {loss}; lower the learning rate or "
+                                                 f"use --mixed-precision bf16 instead of fp16")
+                    dt = timer.lap()
+                    if dist.main:
+                        csv_log.write({"step": step, "loss": f"{loss:.8g}", "lr": f"{lr:.6g}",
+                                       "module_lr": f"{lr * a.module_lr_scale:.6g}",
+                                       "samples_per_s": f"{sampler.global_batch / dt:.4g}",
+                                       "elapsed_s": f"{time.perf_counter() - t_start:.2f}"})
+                        bar.set_postfix(loss=f"{loss:.4f}")
+                        bar.update(1)
+                    if step % a.checkpoint_every == 0 or step == a.max_steps:
+                        self.save_checkpoint(step)
+            bar.close()
+            if csv_log:
+                csv_log.close()
+            if dist.main:
+                paths = self.export()
+                skipped = self.skipped_at_scan + len(self.samples.bad)
+                log.info("wrote %s (%d samples skipped)", ", ".join(str(p) for p in paths), skipped)
+            dist.barrier()
+            return 0
+        finally:
+            engine.shutdown_distributed()
+
+    # ------------------------------------------------------------------ outputs
+    def trained_unet(self) -> dict:
+        net = self.cnet_module
+        return dict(zip(net.unet_names, net.unet_subset))
+
+    def checkpoint_weights(self) -> dict:
+        net = self.cnet_module
+        files = {MODULE_FILE: ({k: v.float() for k, v in net.control.state_dict().items()},
+                               {"format": "ControlNeXt module"})}
+        if net.unet_names:
+            files[UNET_SUBSET_FILE] = ({k: p.detach().float() for k, p in self.trained_unet().items()},
+                                       {"format": "ComfyUI UNet keys, absolute"})
+        return files
+
+    def export(self) -> list[Path]:
+        """NAME.safetensors (the module) and NAME_unet[_delta].safetensors, written atomically."""
+        import safetensors.torch
+
+        a, net = self.args, self.cnet_module
+        dtype = SAVE_DTYPES[a.save_dtype]
+        meta = {"trained_with": "ComfyUI-BalancedControl training controlnext", "base_family": self.base.family,
+                "variant": self.variant.key, "strength": str(a.strength)}
+        files = {f"{a.name}.safetensors": ({k: v.detach().to("cpu", dtype).contiguous()
+                                            for k, v in net.control.state_dict().items()},
+                                           {**meta, "format": "ControlNeXt control module (52 tensors)"})}
+        if net.unet_names:
+            suffix = "_unet_delta" if self.unet_weights == "delta" else "_unet"
+            tensors = unet_subset_file_tensors(self.trained_unet(), self.unet_original, self.unet_weights,
+                                               self.base.unet_config, dtype)
+            files[f"{a.name}{suffix}.safetensors"] = (tensors, {**meta, "format": f"ControlNeXt UNet subset, "
+                                                               f"{self.unet_weights}"})
+        written = []
+        for name, (tensors, metadata) in files.items():
+            path = self.output / name
+            tmp = path.with_name(path.name + ".partial")
+            safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
+            tmp.replace(path)
+            written.append(path)
+        return written
