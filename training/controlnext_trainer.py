@@ -85,14 +85,15 @@ class ControlledUNet(torch.nn.Module):
 
     def forward(self, x_in: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None,
                 hint: torch.Tensor) -> torch.Tensor:
-        from .objectives import unet_dtype
+        from .objectives import attention_options, unet_dtype
 
         cx = cnx_patches()
         model = self.model
         unet = model.diffusion_model
         features = self.control(hint.to(self.control.dtype), timestep.to(torch.float32))
         call = cx.training_call(unet, self.variant, features, self.strength)
-        options = cx.call_transformer_options(call)
+        # Training's differentiable attention, through ComfyUI's override hook.
+        options = cx.call_transformer_options(call, attention_options())
         dtype = unet_dtype(model)
         return unet(x_in.to(dtype), timestep, context=context.to(dtype), y=None if y is None else y.to(dtype),
                     control=None, transformer_options=options)
