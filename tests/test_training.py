@@ -409,7 +409,8 @@ def test_eval_metrics_measure_what_they_claim(tmp_path, tiny):
 
 def test_training_attention_goes_through_comfyui_hook_and_leaves_its_module_alone(tiny, monkeypatch):
     """Training picks its attention through transformer_options' optimized_attention_override,
-    for the UNet and the ControlNet alike; ComfyUI's module attributes stay untouched."""
+    for the UNet and the ControlNet alike; ComfyUI's module attributes stay untouched. In L_QC
+    steps only the attention layers a forward-mode tangent reaches use the explicit softmax."""
     import comfy.ldm.modules.attention as attention
 
     before = (attention.optimized_attention, attention.optimized_attention_masked)
@@ -422,16 +423,42 @@ def test_training_attention_goes_through_comfyui_hook_and_leaves_its_module_alon
 
     monkeypatch.setattr(O, "explicit_softmax_attention", counting)  # the project's own function
     model, cnet = tiny["model"], tiny["trained"]
-    batch = make_batch(b=1, seed=4, probes=False)
+    batch = make_batch(b=1, seed=4, probes=True)
     sigma, x_noisy = O.noisy_inputs(model, batch)
     ms = model.model_sampling
     x_in = ms.calculate_input(sigma, x_noisy)
+
+    def through_controlnet(xp):
+        return O.controlled_eps(model, cnet, x_in.detach(), ms.calculate_input(sigma, xp), ms.timestep(sigma),
+                                batch.context, None, batch.hint)
+
     with O.training_attention(forward_mode=True):
         assert (attention.optimized_attention, attention.optimized_attention_masked) == before
-        O.controlled_eps(model, cnet, x_in, x_in, ms.timestep(sigma), batch.context, None, batch.hint)
-    n_attention_layers = sum(1 for n, _ in model.diffusion_model.named_modules() if n.endswith(("attn1", "attn2"))) \
-        + sum(1 for n, _ in cnet.named_modules() if n.endswith(("attn1", "attn2")))
-    assert len(calls) == n_attention_layers
+        O.jacobian_probes(through_controlnet, x_noisy, batch.probe, create_graph=False)
+    n_cnet = sum(1 for n, _ in cnet.named_modules() if n.endswith(("attn1", "attn2")))
+    n_unet = sum(1 for n, _ in model.diffusion_model.named_modules() if n.endswith(("attn1", "attn2")))
+    # every ControlNet layer carries the tangent; the UNet's encoder (detached input) does not
+    assert n_cnet <= len(calls) < n_cnet + n_unet
     calls.clear()
-    O.controlled_eps(model, cnet, x_in, x_in, ms.timestep(sigma), batch.context, None, batch.hint)
+    O.jacobian_probes(through_controlnet, x_noisy, batch.probe, create_graph=False)
     assert calls == []  # outside the context ComfyUI's own choice runs
+
+
+def test_training_qc_loss_has_the_estimator_value_and_an_unbiased_gradient():
+    """qc_per_row_for_training: the same per-probe value as qc_per_row, and a gradient
+    (through J v only, no double backward) whose mean is the exact gradient."""
+    torch.manual_seed(0)
+    net = RowMLP(seed=3)
+    x = torch.randn(6)
+    exact = exact_asymmetry(net, x)
+    n = 40000
+    probes = O.rademacher((n, 6), torch.Generator().manual_seed(4))
+    _, jv, jtv = O.jacobian_probes(net, x.expand(n, 6), probes, create_graph=False, retain_graph=True)
+    trained = O.qc_per_row_for_training(jv, jtv)
+    assert torch.allclose(trained.detach(), O.qc_per_row(jv.detach(), jtv.detach()))
+    assert jtv.grad_fn is None  # the reverse-mode product carries no graph
+    g_est = torch.autograd.grad(trained.mean() * 6, list(net.parameters()))
+    g_exact = torch.autograd.grad(exact, list(net.parameters()))
+    a, b = torch.cat([g.flatten() for g in g_est]), torch.cat([g.flatten() for g in g_exact])
+    assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.99
+    assert abs(a.norm() / b.norm() - 1) < 0.05
