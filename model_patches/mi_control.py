@@ -373,7 +373,33 @@ def _is_last_step(transformer_options: dict) -> bool:
 # --------------------------------------------------------------------------
 
 
-class MinimalImpactControl(comfy.controlnet.ControlBase):
+class WrappedControl(comfy.controlnet.ControlBase):
+    """A control that delegates the work to ``self.inner``, a core control run
+    without a previous control. Adds the inner control's models, hooks, memory
+    and cleanup to the chain's, so ComfyUI's sampler loads and frees it like
+    any core control."""
+
+    inner: comfy.controlnet.ControlBase
+
+    def pre_run(self, model, percent_to_timestep_function):
+        super().pre_run(model, percent_to_timestep_function)
+        self.inner.pre_run(model, percent_to_timestep_function)
+
+    def cleanup(self):
+        self.inner.cleanup()
+        super().cleanup()
+
+    def get_models(self):
+        return super().get_models() + self.inner.get_models()
+
+    def get_extra_hooks(self):
+        return self.inner.get_extra_hooks() + super().get_extra_hooks()
+
+    def inference_memory_requirements(self, dtype):
+        return super().inference_memory_requirements(dtype) + self.inner.inference_memory_requirements(dtype)
+
+
+class MinimalImpactControl(WrappedControl):
     """A control whose residuals are balanced with the other minimal-impact
     controls of the chain (add^com) and injected with add^inj.
 
@@ -433,22 +459,11 @@ class MinimalImpactControl(comfy.controlnet.ControlBase):
     def pre_run(self, model, percent_to_timestep_function):
         self.last_balance_record = None
         super().pre_run(model, percent_to_timestep_function)
-        self.inner.pre_run(model, percent_to_timestep_function)
         check_control_fits_model(self.inner, model, self.label)
 
     def cleanup(self):
-        self.inner.cleanup()
         self._mask_cache.clear()
         super().cleanup()
-
-    def get_models(self):
-        return super().get_models() + self.inner.get_models()
-
-    def get_extra_hooks(self):
-        return self.inner.get_extra_hooks() + super().get_extra_hooks()
-
-    def inference_memory_requirements(self, dtype):
-        return super().inference_memory_requirements(dtype) + self.inner.inference_memory_requirements(dtype)
 
     def copy(self):
         c = MinimalImpactControl(self.inner.copy(), mask=self.mask, label=self.label)

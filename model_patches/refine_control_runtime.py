@@ -35,6 +35,7 @@ import comfy.latent_formats
 import comfy.utils
 
 from .balance import add_inj
+from .mi_control import WrappedControl
 from .refine_control import block_map, convention, residuals_for_blocks
 
 log = logging.getLogger(__name__)
@@ -185,7 +186,7 @@ class BlockInjection:
         return patch
 
 
-class RefineControl(comfy.controlnet.ControlBase):
+class RefineControl(WrappedControl):
     """An SD3 ControlNet of any depth with an explicit block wiring and, optionally,
     balanced (add^inj) injection per transformer block."""
 
@@ -249,20 +250,6 @@ class RefineControl(comfy.controlnet.ControlBase):
                 f"{self.label}: the ControlNet's width is {cn.hidden_size} but the model's is {unet.hidden_size}. "
                 f"Use a ControlNet trained for this SD3 model.")
         self.inner.control_model.depth = len(blocks)
-        self.inner.pre_run(model, percent_to_timestep_function)
-
-    def cleanup(self):
-        self.inner.cleanup()
-        super().cleanup()
-
-    def get_models(self):
-        return super().get_models() + self.inner.get_models()
-
-    def get_extra_hooks(self):
-        return self.inner.get_extra_hooks() + super().get_extra_hooks()
-
-    def inference_memory_requirements(self, dtype):
-        return super().inference_memory_requirements(dtype) + self.inner.inference_memory_requirements(dtype)
 
     def copy(self):
         inner = self.inner.copy()
