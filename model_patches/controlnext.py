@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from torch.nn import functional as F
 
 import comfy.model_management
 import comfy.patcher_extension

@@ -6,7 +6,6 @@ Thin V3 schemas; the logic lives in ``model_patches.mi_control``.
 from __future__ import annotations
 
 import torch
-from typing_extensions import override
 
 import comfy.controlnet
 from comfy_api.latest import io

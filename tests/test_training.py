@@ -13,7 +13,6 @@ from PIL import Image
 
 import comfy.controlnet
 
-from balanced_control.model_patches import mi_control
 from balanced_control.nodes.micontrolnet import MIControlNetApply
 from headless import synthetic as s
 from training import data, engine, models, objectives as O

@@ -10,8 +10,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -30,6 +28,7 @@ from training import engine, objectives as O
 
 from test_controlnext_server import api_prompt, saved_image
 from test_training import write_dataset
+from training_subprocess import kill_at_first_checkpoint, run_training, training_command
 
 CPU = torch.device("cpu")
 STEPS = 4
@@ -141,13 +140,11 @@ def env():
 
 
 def command(args):
-    return [sys.executable, "-m", "training", "controlnext", *args]
+    return training_command("controlnext", args)
 
 
 def train(args, log):
-    with open(log, "w") as f:
-        proc = subprocess.run(command(args), cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env(), timeout=600)
-    assert proc.returncode == 0, log.read_text()[-4000:]
+    run_training(command(args), log, env())
 
 
 def losses(out):
@@ -194,16 +191,8 @@ def test_reference_run_writes_the_loader_formats(runs):
 def test_sigkill_and_resume_gives_identical_losses_and_delta_equals_absolute(runs, small_sd15_files):
     out = runs["root"] / "killed"
     args = common_args(runs["base"], runs["data"], out) + ["--unet-weights", "delta"]
-    log = open(runs["root"] / "killed.log", "w")
-    proc = subprocess.Popen(command(args), cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env())
-    first = out / "checkpoints" / "step-00000002" / "state.json"
-    deadline = time.time() + 300
-    while not first.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    log.close()
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    returncode = kill_at_first_checkpoint(command(args), out, runs["root"] / "killed.log", env())
+    assert returncode == -signal.SIGKILL, "the run ended before it could be killed"
     assert not (out / "controlnext.safetensors").exists()
     train(args + ["--resume", "latest"], runs["root"] / "resumed.log")
     assert losses(out) == losses(runs["reference"])

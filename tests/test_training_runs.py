@@ -7,9 +7,6 @@ trained file must sample through MIControlNetApply in ComfyUI's server."""
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +19,7 @@ from headless.server import ComfyServer, copy_model
 from training import engine
 
 from test_training import write_dataset
+from training_subprocess import kill_at_first_checkpoint, run_training, training_command
 
 STEPS = 6
 
@@ -39,14 +37,8 @@ def env():
 
 
 def train(args, log: Path, torchrun_ranks: int = 0, timeout=600):
-    if torchrun_ranks:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(torchrun_ranks),
-               "--master_port", str(_free_port()), "-m", "training", "micontrolnet", *args]
-    else:
-        cmd = [sys.executable, "-m", "training", "micontrolnet", *args]
-    with open(log, "w") as f:
-        proc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env(), timeout=timeout)
-    assert proc.returncode == 0, log.read_text()[-4000:]
+    command = training_command("micontrolnet", args, torchrun_ranks, _free_port() if torchrun_ranks else 0)
+    run_training(command, log, env(), timeout)
 
 
 def _free_port():
@@ -86,17 +78,9 @@ def test_reference_run_outputs(runs):
 def test_sigkill_and_resume_gives_identical_losses(runs):
     out = runs["root"] / "killed"
     args = common_args(runs["base"], runs["data"], out) + ["--batch-size", "2"]
-    log = open(runs["root"] / "killed.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "training", "micontrolnet", *args], cwd=REPO, stdout=log,
-                            stderr=subprocess.STDOUT, env=env())
-    first = out / "checkpoints" / "step-00000002" / "state.json"
-    deadline = time.time() + 300
-    while not first.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    log.close()
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    returncode = kill_at_first_checkpoint(training_command("micontrolnet", args), out,
+                                          runs["root"] / "killed.log", env())
+    assert returncode == -signal.SIGKILL, "the run ended before it could be killed"
     assert not (out / "micontrolnet.safetensors").exists()
     train(args + ["--resume", "latest"], runs["root"] / "resumed.log")
     assert losses(out) == losses(runs["reference"])

@@ -239,21 +239,12 @@ class ControlNeXtTrainer(MIControlNetTrainer):
 
     # ------------------------------------------------------------------ loop
     def train(self) -> int:
-        from . import data, objectives
+        from . import objectives
 
         try:
             self._setup()
             a, dist = self.args, self.dist
-            sampler = data.PositionSampler(len(self.records), a.seed, self.start_step, a.max_steps,
-                                           a.batch_size, a.gradient_accumulation, dist.world, dist.rank)
-            loader = torch.utils.data.DataLoader(self.samples, batch_sampler=sampler, collate_fn=data.collate,
-                                                 num_workers=a.num_workers)
-            csv_log = ControlNeXtLog(self.output / "log.csv", self.start_step if a.resume else None) \
-                if dist.main else None
-            if dist.main:
-                (self.output / "args.json").write_text(json.dumps(vars(a), indent=1, default=str))
-            bar = engine.progress_bar(a.max_steps, self.start_step, dist.main and not a.no_progress)
-            autocast = engine.autocast_context(dist.device, a.mixed_precision)
+            loader, csv_log, bar, autocast = self._loop_inputs(ControlNeXtLog)
             step, micro, loss_sum = self.start_step, 0, 0.0
             timer = engine.StepTimer()
             t_start = time.perf_counter()
@@ -291,7 +282,7 @@ class ControlNeXtTrainer(MIControlNetTrainer):
                     if dist.main:
                         csv_log.write({"step": step, "loss": f"{loss:.8g}", "lr": f"{lr:.6g}",
                                        "module_lr": f"{lr * a.module_lr_scale:.6g}",
-                                       "samples_per_s": f"{sampler.global_batch / dt:.4g}",
+                                       "samples_per_s": f"{loader.batch_sampler.global_batch / dt:.4g}",
                                        "elapsed_s": f"{time.perf_counter() - t_start:.2f}"})
                         bar.set_postfix(loss=f"{loss:.4f}")
                         bar.update(1)

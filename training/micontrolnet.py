@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-from pathlib import Path
 
 HELP = "train a MIControlNet (stage 1: balanced data through add^inj; stage 2: + conservativity loss)"
 

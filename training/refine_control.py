@@ -584,7 +584,6 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_eval(args) -> int:
-    import torch
 
     from .runtime import extension, setup_comfy
 

@@ -171,22 +171,31 @@ class MIControlNetTrainer:
                      probe=items["probe"].to(device) if probes and "probe" in items else None)
 
     # ------------------------------------------------------------------ loop
+    def _loop_inputs(self, log_class):
+        """What every training loop starts from after _setup(): this rank's
+        loader (resumed at the current position), the CSV log and args.json
+        (main rank), the progress bar and the autocast context."""
+        from . import data
+
+        a, dist = self.args, self.dist
+        sampler = data.PositionSampler(len(self.records), a.seed, self.start_step, a.max_steps,
+                                       a.batch_size, a.gradient_accumulation, dist.world, dist.rank)
+        loader = torch.utils.data.DataLoader(self.samples, batch_sampler=sampler, collate_fn=data.collate,
+                                             num_workers=a.num_workers)
+        csv_log = log_class(self.output / "log.csv", self.start_step if a.resume else None) if dist.main else None
+        if dist.main:
+            (self.output / "args.json").write_text(json.dumps(vars(a), indent=1, default=str))
+        bar = engine.progress_bar(a.max_steps, self.start_step, dist.main and not a.no_progress)
+        return loader, csv_log, bar, engine.autocast_context(dist.device, a.mixed_precision)
+
     def train(self) -> int:
-        from . import data, objectives
+        from . import objectives
         from .micontrolnet import lr_at
 
         try:
             self._setup()
             a, dist = self.args, self.dist
-            sampler = data.PositionSampler(len(self.records), a.seed, self.start_step, a.max_steps,
-                                           a.batch_size, a.gradient_accumulation, dist.world, dist.rank)
-            loader = torch.utils.data.DataLoader(self.samples, batch_sampler=sampler, collate_fn=data.collate,
-                                                 num_workers=a.num_workers)
-            csv_log = engine.CsvLog(self.output / "log.csv", self.start_step if a.resume else None) if dist.main else None
-            if dist.main:
-                (self.output / "args.json").write_text(json.dumps(vars(a), indent=1, default=str))
-            bar = engine.progress_bar(a.max_steps, self.start_step, dist.main and not a.no_progress)
-            autocast = engine.autocast_context(dist.device, a.mixed_precision)
+            loader, csv_log, bar, autocast = self._loop_inputs(engine.CsvLog)
             step, micro = self.start_step, 0
             sums = {"total": 0.0, "task": 0.0, "qc": 0.0}
             timer = engine.StepTimer()
@@ -231,7 +240,7 @@ class MIControlNetTrainer:
                     if dist.main:
                         csv_log.write({"step": step, "loss": f"{means['total']:.8g}", "task_loss": f"{means['task']:.8g}",
                                        "qc_loss": f"{means['qc']:.8g}", "lr": f"{lr:.6g}",
-                                       "samples_per_s": f"{sampler.global_batch / dt:.4g}",
+                                       "samples_per_s": f"{loader.batch_sampler.global_batch / dt:.4g}",
                                        "elapsed_s": f"{time.perf_counter() - t_start:.2f}"})
                         bar.set_postfix(loss=f"{means['total']:.4f}", qc=f"{means['qc']:.3g}")
                         bar.update(1)
