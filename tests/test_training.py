@@ -2,8 +2,12 @@
 forward against the sampling forward, the stages on a fixed batch, data and
 checkpoint handling. Tiny models built with ComfyUI's own classes."""
 
+import contextlib
 import copy
+import errno
 import json
+import resource
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -333,7 +337,21 @@ def test_data_order_is_the_same_for_one_and_two_ranks():
 
 # --- checkpoints ---------------------------------------------------------------------------------
 
-def test_a_crash_during_a_checkpoint_write_leaves_the_previous_one_intact(tmp_path, monkeypatch):
+@contextlib.contextmanager
+def file_size_limit(max_bytes: int):
+    """Writes past ``max_bytes`` fail with a real I/O error (EFBIG), as on a
+    full disk: the kernel's per-process file-size limit, SIGXFSZ ignored."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+
+
+def test_a_failed_checkpoint_write_leaves_the_previous_one_intact(tmp_path):
     store = engine.CheckpointStore(tmp_path / "checkpoints", keep=2)
     tmp = store.begin(2)
     engine.save_tensors({"w": torch.ones(3)}, tmp / "controlnet.safetensors")
@@ -341,14 +359,11 @@ def test_a_crash_during_a_checkpoint_write_leaves_the_previous_one_intact(tmp_pa
     good = store.commit(2)
 
     tmp = store.begin(4)
-
-    def disk_full(*args, **kwargs):
-        (tmp / "controlnet.safetensors").write_bytes(b"half")  # the write got this far
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(engine, "save_tensors", disk_full)
-    with pytest.raises(OSError):
-        engine.save_tensors({"w": torch.zeros(3)}, tmp / "controlnet.safetensors")
+    # The real safetensors writer fails part way; it must surface as OSError,
+    # the one error the trainer handles by logging and going on.
+    with file_size_limit(64 * 1024), pytest.raises(OSError) as failure:
+        engine.save_tensors({"w": torch.zeros(1 << 20)}, tmp / "controlnet.safetensors")
+    assert failure.value.errno == errno.EFBIG and "controlnet.safetensors" in str(failure.value)
     store.abort(4)
     assert store.latest() == good and store.resolve("latest") == good
     assert torch.equal(engine.load_tensors(good / "controlnet.safetensors")["w"], torch.ones(3))

@@ -28,7 +28,7 @@ from training import engine, objectives as O
 
 from test_controlnext_server import api_prompt, saved_image
 from test_training import write_dataset
-from training_subprocess import kill_at_first_checkpoint, run_training, training_command
+from training_subprocess import kill_at_first_checkpoint, remove_checkpoints, run_training, training_command
 
 CPU = torch.device("cpu")
 STEPS = 4
@@ -158,7 +158,8 @@ def runs(tmp_path_factory, small_sd15_files):
     base = small_sd15_files["checkpoint"]
     ref = root / "reference"
     train(common_args(base, data, ref) + ["--unet-weights", "absolute"], root / "reference.log")
-    return {"root": root, "data": data, "base": base, "reference": ref}
+    yield {"root": root, "data": data, "base": base, "reference": ref}
+    remove_checkpoints(root)
 
 
 def test_help_explains_every_option():

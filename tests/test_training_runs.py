@@ -19,7 +19,7 @@ from headless.server import ComfyServer, copy_model
 from training import engine
 
 from test_training import write_dataset
-from training_subprocess import kill_at_first_checkpoint, run_training, training_command
+from training_subprocess import kill_at_first_checkpoint, remove_checkpoints, run_training, training_command
 
 STEPS = 6
 
@@ -29,7 +29,7 @@ def common_args(base, data, out):
             "--resolution", "64", "--max-steps", str(STEPS), "--checkpoint-every", "2", "--stage", "2",
             "--qc-every", "3", "--plain-add-warmup-steps", "2", "--learning-rate", "1e-4", "--seed", "1",
             "--cache-latents", "--save-dtype", "fp32", "--no-progress", "--validate-every", str(STEPS),
-            "--validation-steps", "2"]
+            "--validation-steps", "2", "--keep-checkpoints", "1"]
 
 
 def env():
@@ -58,7 +58,8 @@ def runs(tmp_path_factory, small_sd15_files):
     base = small_sd15_files["checkpoint"]
     ref = root / "reference"
     train(common_args(base, data, ref) + ["--batch-size", "2"], root / "reference.log")
-    return {"root": root, "data": data, "base": base, "reference": ref}
+    yield {"root": root, "data": data, "base": base, "reference": ref}
+    remove_checkpoints(root)
 
 
 def test_reference_run_outputs(runs):
@@ -67,7 +68,8 @@ def test_reference_run_outputs(runs):
     assert [r[0] for r in rows] == list(range(1, STEPS + 1))
     # L_QC ran on steps 1 and 4 (qc-every 3) and is part of the loss there.
     assert float(rows[3][2]) != 0 and float(rows[1][2]) == 0
-    assert sorted(p.name for p in (ref / "checkpoints").iterdir()) == ["step-00000002", "step-00000004", "step-00000006"]
+    # Checkpoints at steps 2, 4 and 6; --keep-checkpoints 1 pruned all but the last.
+    assert sorted(p.name for p in (ref / "checkpoints").iterdir()) == [f"step-{STEPS:08d}"]
     assert (ref / "validation" / f"step-{STEPS:08d}.png").is_file()
     sd = safetensors.torch.load_file(str(ref / "micontrolnet.safetensors"))
     expected = set(synthetic.controlnet_state_dict(synthetic.SD15_UNET_SMALL))

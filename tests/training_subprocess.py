@@ -3,6 +3,7 @@ that need a real process: torchrun ranks, and SIGKILL in the middle of a run."""
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import sys
@@ -38,3 +39,11 @@ def kill_at_first_checkpoint(command: list[str], out: Path, log: Path, env: dict
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     return proc.returncode
+
+
+def remove_checkpoints(root: Path) -> None:
+    """Delete the resumable checkpoints (weights plus optimizer state, the bulk
+    of a run's disk use) under ``root`` once a module's tests are done with them."""
+    for folder in Path(root).rglob("checkpoints"):
+        if folder.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)

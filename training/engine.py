@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import json
 import logging
 import os
 import random
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -134,10 +136,22 @@ def _fsync_dir(path: Path) -> None:
 
 
 def save_tensors(tensors: dict, path: Path, metadata: dict | None = None) -> None:
+    """Write a safetensors file and sync it to disk.
+
+    safetensors reports a failed write (full disk, quota, I/O error) as its own
+    ``SafetensorError``, not as ``OSError``; it is raised here as ``OSError``
+    with the errno of the underlying failure, so callers handle every failed
+    write in one place."""
+    import safetensors
     import safetensors.torch
 
-    safetensors.torch.save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path),
-                                metadata=metadata)
+    try:
+        safetensors.torch.save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path),
+                                    metadata=metadata)
+    except safetensors.SafetensorError as e:
+        found = re.search(r"os error (\d+)", str(e))
+        code = int(found.group(1)) if found else errno.EIO
+        raise OSError(code, f"{os.strerror(code)} while writing {path} ({e})") from e
     with open(path, "rb") as f:
         os.fsync(f.fileno())
 
