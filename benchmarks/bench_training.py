@@ -6,7 +6,7 @@ One step is what ``python -m training micontrolnet`` does per optimizer step
 on a prepared batch: the forward through the ControlNet and the UNet with
 add^inj, the loss and the backward into the ControlNet, and the AdamW update.
 Stage 2 adds the forward-mode product J_c v (in the same forward), the
-reverse-mode product J_cᵀ v with a graph, and the second-order backward.
+reverse-mode product J_cᵀ v (no graph), and the backward through J_c v.
 Both stages are timed interleaved in one process on the same models (random
 weights, ComfyUI's classes); the median ratio and samples/s are printed.
 Data loading, VAE encoding and text encoding are not part of the step (the

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 from PIL import Image
 
 import comfy.controlnet
@@ -182,6 +183,86 @@ def test_controlnet_path_jacobian_products_are_consistent(tiny):
     assert torch.allclose(jv, fd, rtol=1e-2, atol=1e-3 * jv.abs().max().item())
     lhs, rhs = (u * jv).sum(), (jtu * v).sum()
     assert torch.allclose(lhs, rhs, rtol=1e-4), (lhs, rhs)
+
+
+def _dual_forward(f, x, v, params, fast: bool):
+    """(f(x), J v, d(Σ f(x) + Σ (J v)²)/d params) with or without ConstantWeightTangents."""
+    x = x.detach().requires_grad_(True)
+    mode = O.ConstantWeightTangents() if fast else contextlib.nullcontext()
+    with fwAD.dual_level(), mode:
+        out, jv = fwAD.unpack_dual(f(fwAD.make_dual(x, v)))
+    grads = torch.autograd.grad(out.sum() + jv.square().sum(), params)
+    return out, jv, grads
+
+
+def test_constant_weight_tangents_give_torchs_products_without_the_zero_convolution():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 5, 3, padding=1)
+    lin = torch.nn.Linear(5, 4, bias=False)
+    conv1d = torch.nn.Conv1d(4, 2, 1)
+
+    def f(x):
+        h = torch.nn.functional.silu(conv(x))                         # bias given positionally
+        h = lin(h.permute(0, 2, 3, 1))                                # no bias
+        h = torch.nn.functional.conv1d(h.flatten(1, 2).transpose(1, 2), conv1d.weight, bias=conv1d.bias)
+        return h
+
+    x, v = torch.randn(2, 3, 6, 6), torch.randn(2, 3, 6, 6)
+    params = [*conv.parameters(), *lin.parameters(), *conv1d.parameters()]
+    reference = _dual_forward(f, x, v, params, fast=False)
+    fast = _dual_forward(f, x, v, params, fast=True)
+    assert torch.allclose(reference[0], fast[0], atol=1e-6) and torch.allclose(reference[1], fast[1], atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(reference[2], fast[2]))
+
+    # torch's own rule runs one convolution more per layer: on the zero weight tangent.
+    def convolutions(fast):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            _dual_forward(lambda x: conv(x), x, v, list(conv.parameters()), fast)
+        return sum(e.count for e in prof.key_averages() if e.key == "aten::convolution")
+
+    assert convolutions(fast=True) < convolutions(fast=False)
+
+
+def _reference_attention(q, k, v, heads, mask=None):
+    """softmax(q kᵀ/√d) v in float64, differentiated by torch's own forward-mode rules
+    (softmax as exp / sum: torch's softmax jvp cannot be differentiated again)."""
+    b, n, inner = q.shape
+    d = inner // heads
+    q, k, v = (t.double().view(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))
+    scores = q @ k.transpose(-1, -2) / d ** 0.5
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    e = (scores - scores.amax(-1, keepdim=True).detach()).exp()
+    return ((e / e.sum(-1, keepdim=True)) @ v).transpose(1, 2).reshape(b, -1, inner)
+
+
+@pytest.mark.parametrize("tangents", ["qkv", "q", "kv"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_forward_mode_attention_matches_torchs_rules_and_differentiates_through_the_tangent(tangents, masked):
+    """Self-attention (all of q, k, v carry the probe), cross-attention (q only) and
+    key/value tangents; primal, tangent and the reverse-mode gradient of a loss on
+    both against float64 forward-mode AD of a plain softmax attention."""
+    g = torch.Generator().manual_seed(3)
+    b, n, m, heads, d = 2, 5, 7, 2, 4
+    primals = {name: torch.randn(b, n if name == "q" else m, heads * d, generator=g, requires_grad=True)
+               for name in "qkv"}
+    tangent = {name: torch.randn(b, n if name == "q" else m, heads * d, generator=g) for name in tangents}
+    mask = (torch.rand(b, 1, n, m, generator=g) > 0.3) | (torch.arange(m) == 0) if masked else None
+
+    def run(attention, cast):
+        with fwAD.dual_level():
+            args = [fwAD.make_dual(cast(primals[x]), cast(tangent[x])) if x in tangent else cast(primals[x])
+                    for x in "qkv"]
+            out, d_out = fwAD.unpack_dual(attention(*args, heads, mask=mask))
+        loss = out.sum() + (d_out * torch.linspace(-1, 1, d_out.shape[-1], dtype=d_out.dtype)).square().sum()
+        return out, d_out, torch.autograd.grad(loss, [primals[x] for x in "qkv"])
+
+    ours = run(O.forward_mode_attention, lambda t: t)
+    ref = run(_reference_attention, lambda t: t.double())
+    assert torch.allclose(ours[0].double(), ref[0], atol=1e-5)
+    assert torch.allclose(ours[1].double(), ref[1], atol=1e-5)
+    for a, r in zip(ours[2], ref[2]):
+        assert torch.allclose(a, r, atol=1e-4), (a - r).abs().max()
 
 
 def test_add_inj_gives_a_zero_output_controlnet_no_gradient_hence_the_plain_add_warm_up(tiny):
@@ -424,18 +505,18 @@ def test_eval_metrics_measure_what_they_claim(tmp_path, tiny):
 def test_training_attention_goes_through_comfyui_hook_and_leaves_its_module_alone(tiny, monkeypatch):
     """Training picks its attention through transformer_options' optimized_attention_override,
     for the UNet and the ControlNet alike; ComfyUI's module attributes stay untouched. In L_QC
-    steps only the attention layers a forward-mode tangent reaches use the explicit softmax."""
+    steps only the attention layers a forward-mode tangent reaches use the written-out rule."""
     import comfy.ldm.modules.attention as attention
 
     before = (attention.optimized_attention, attention.optimized_attention_masked)
     calls = []
-    real = O.explicit_softmax_attention
+    real = O.forward_mode_attention
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(O, "explicit_softmax_attention", counting)  # the project's own function
+    monkeypatch.setattr(O, "forward_mode_attention", counting)  # the project's own function
     model, cnet = tiny["model"], tiny["trained"]
     batch = make_batch(b=1, seed=4, probes=True)
     sigma, x_noisy = O.noisy_inputs(model, batch)

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
+from PIL import Image
 
 import comfy.model_patcher
 import comfy.utils
@@ -132,7 +133,8 @@ def test_the_regex_selects_the_trainable_subset(small):
 def common_args(base, data, out):
     return ["--base", str(base), "--data", str(data), "--output", str(out), "--condition", "canny",
             "--resolution", "64", "--max-steps", str(STEPS), "--checkpoint-every", "2", "--batch-size", "2",
-            "--learning-rate", "1e-4", "--seed", "3", "--cache-latents", "--save-dtype", "fp32", "--no-progress"]
+            "--learning-rate", "1e-4", "--seed", "3", "--cache-latents", "--save-dtype", "fp32", "--no-progress",
+            "--validate-every", str(STEPS), "--validation-steps", "2"]
 
 
 def env():
@@ -187,6 +189,9 @@ def test_reference_run_writes_the_loader_formats(runs):
     to_comfy = comfy.utils.unet_to_diffusers(s.SD15_UNET_SMALL)
     assert unet and all(k in to_comfy and ".to_out." in k for k in unet)
     assert not (ref / "controlnext_unet_delta.safetensors").exists()
+    # The validation image: the condition beside a sample through ControlNeXtApply's code path.
+    sample = np.asarray(Image.open(ref / "validation" / f"step-{STEPS:08d}.png").convert("RGB"), dtype=np.float32)
+    assert sample.shape == (64, 128, 3) and sample[:, 64:].std() > 1.0
 
 
 def test_sigkill_and_resume_gives_identical_losses_and_delta_equals_absolute(runs, small_sd15_files):

@@ -15,6 +15,8 @@ import argparse
 import logging
 import re
 
+from .micontrolnet import add_validation_arguments, validation_problems
+
 HELP = "train a ControlNeXt control module and a regex-selected subset of the UNet"
 
 DESCRIPTION = """\
@@ -104,7 +106,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto; ranks use their LOCAL_RANK GPU)")
 
     g = p.add_argument_group("output")
-    g.add_argument("--output", required=True, help="output folder: checkpoints/, log.csv, NAME*.safetensors")
+    g.add_argument("--output", required=True,
+                   help="output folder: checkpoints/, log.csv, validation/, NAME*.safetensors")
     g.add_argument("--name", default="controlnext", help="file name stem of the outputs (default: controlnext)")
     g.add_argument("--save-dtype", default="fp16", choices=["fp16", "bf16", "fp32"],
                    help="dtype of the exported files (default: fp16)")
@@ -113,6 +116,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--keep-checkpoints", type=int, default=3, help="resumable checkpoints to keep (default: 3)")
     g.add_argument("--resume", default=None, metavar="latest|DIR",
                    help="continue from the newest checkpoint in OUTPUT/checkpoints, or from a checkpoint folder")
+    add_validation_arguments(g)
     g.add_argument("--no-progress", action="store_true", help="no progress bar (the CSV log is still written)")
 
 
@@ -140,6 +144,7 @@ def _check_args(args) -> None:
             re.compile(args.unet_pattern)
         except re.error as e:
             problems.append(f"--unet-pattern {args.unet_pattern!r} is not a regular expression ({e})")
+    problems += validation_problems(args)
     if problems:
         raise SystemExit("training controlnext: " + "; ".join(problems))
 

@@ -288,6 +288,8 @@ class ControlNeXtTrainer(MIControlNetTrainer):
                         bar.update(1)
                     if step % a.checkpoint_every == 0 or step == a.max_steps:
                         self.save_checkpoint(step)
+                    if a.validate_every and (step % a.validate_every == 0 or step == a.max_steps):
+                        self.validate(step)
             bar.close()
             if csv_log:
                 csv_log.close()
@@ -299,6 +301,13 @@ class ControlNeXtTrainer(MIControlNetTrainer):
             return 0
         finally:
             engine.shutdown_distributed()
+
+    def sample_validation(self, step: int) -> Path:
+        """Sample with ComfyUI's sampler through the ControlNeXtApply code path,
+        with the current module on the base model holding the trained UNet subset."""
+        from .validation import sample_controlnext
+
+        return sample_controlnext(self, step)
 
     # ------------------------------------------------------------------ outputs
     def trained_unet(self) -> dict:

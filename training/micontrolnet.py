@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+from pathlib import Path
 
 HELP = "train a MIControlNet (stage 1: balanced data through add^inj; stage 2: + conservativity loss)"
 
@@ -106,13 +107,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--keep-checkpoints", type=int, default=3, help="resumable checkpoints to keep (default: 3)")
     g.add_argument("--resume", default=None, metavar="latest|DIR",
                    help="continue from the newest checkpoint in OUTPUT/checkpoints, or from a checkpoint folder")
-    g.add_argument("--validate-every", type=int, default=0, help="sample validation images every N steps, 0 = off")
-    g.add_argument("--validation-image", default=None, help="condition image for validation (default: the first "
-                   "sample's full condition)")
-    g.add_argument("--validation-prompt", default=None, help="prompt for validation (default: the first sample's)")
-    g.add_argument("--validation-steps", type=int, default=20, help="sampling steps of validation (default: 20)")
-    g.add_argument("--validation-cfg", type=float, default=7.0, help="CFG scale of validation (default: 7)")
+    add_validation_arguments(g)
     g.add_argument("--no-progress", action="store_true", help="no progress bar (the CSV log is still written)")
+
+
+def add_validation_arguments(group) -> None:
+    """The validation options of the training subcommands (micontrolnet, controlnext)."""
+    group.add_argument("--validate-every", type=int, default=0,
+                       help="sample a validation image with ComfyUI's sampler every N steps and at the end, "
+                            "0 = off (default: 0)")
+    group.add_argument("--validation-image", default=None,
+                       help="condition image for validation (default: the first sample's full condition)")
+    group.add_argument("--validation-prompt", default=None, help="prompt for validation (default: the first sample's)")
+    group.add_argument("--validation-steps", type=int, default=20, help="sampling steps of validation (default: 20)")
+    group.add_argument("--validation-cfg", type=float, default=7.0, help="CFG scale of validation (default: 7)")
+
+
+def validation_problems(args) -> list[str]:
+    problems = []
+    if args.validate_every < 0:
+        problems.append(f"--validate-every must be >= 0, got {args.validate_every}")
+    if args.validation_steps < 1:
+        problems.append(f"--validation-steps must be >= 1, got {args.validation_steps}")
+    if args.validation_image and not Path(args.validation_image).is_file():
+        problems.append(f"--validation-image {args.validation_image}: no such file")
+    return problems
 
 
 def run(args) -> int:
@@ -136,6 +155,7 @@ def _check_args(args) -> None:
             problems.append(f"--{name.replace('_', '-')} must be in [0, 1], got {v}")
     if args.checkpoint_every < 1:
         problems.append(f"--checkpoint-every must be >= 1, got {args.checkpoint_every}")
+    problems += validation_problems(args)
     if problems:
         raise SystemExit("training micontrolnet: " + "; ".join(problems))
 

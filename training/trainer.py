@@ -331,18 +331,23 @@ class MIControlNetTrainer:
         return {str(r): g for r, g in enumerate(gathered)}
 
     def validate(self, step: int) -> None:
-        """Sample with ComfyUI's sampler through the MIControlNetApply node,
-        from the current weights loaded by ComfyUI's ControlNet loader."""
+        """A validation image from rank 0 (``sample_validation``); the other ranks wait."""
         if not self.dist.main:
             self.dist.barrier()
             return
         try:
-            from .validation import sample_validation
-
-            sample_validation(self, step)
+            path = self.sample_validation(step)
+            log.info("validation sample: %s", path)
         except Exception as e:  # noqa: BLE001 - validation must not end a long run
             log.error("validation at step %d failed: %s: %s", step, type(e).__name__, e)
         self.dist.barrier()
+
+    def sample_validation(self, step: int) -> Path:
+        """Sample with ComfyUI's sampler through the MIControlNetApply node,
+        from the current weights loaded by ComfyUI's ControlNet loader."""
+        from .validation import sample_micontrolnet
+
+        return sample_micontrolnet(self, step)
 
 
 class _null:

@@ -1,8 +1,11 @@
-"""Validation samples: the current ControlNet sampled through the node path.
+"""Validation samples: the weights being trained, sampled through the node path.
 
-The weights go through ComfyUI's own ControlNet loader (as the exported file
-would) and the MIControlNetApply node, then ComfyUI's sampler, so a
-validation image is what a user of the nodes would get at that step.
+MIControlNet runs: the ControlNet goes through ComfyUI's own ControlNet loader
+(as the exported file would) and the MIControlNetApply node. ControlNeXt
+runs: the control module goes through ``ControlNeXtWeights`` and the
+ControlNeXtApply code path. Both then sample with ComfyUI's sampler, so a
+validation image is what a user of the nodes would get at that step. Each
+image is the condition beside the sample, ``OUTPUT/validation/step-N.png``.
 """
 
 from __future__ import annotations
@@ -31,28 +34,15 @@ def _condition_image(trainer) -> tuple[torch.Tensor, str]:
     return torch.from_numpy(cond.copy()).float().unsqueeze(0) / 255.0, prompt
 
 
-@torch.no_grad()
-def sample_validation(trainer, step: int) -> Path:
-    import comfy.controlnet
+def _encode(base, text: str) -> list:
+    cond, pooled = base.clip.encode_from_tokens(base.clip.tokenize(text), return_pooled=True)
+    return [[cond, {"pooled_output": pooled}]]
+
+
+def _sample_and_save(trainer, patcher, positive, negative, image: torch.Tensor, step: int) -> Path:
     import comfy.sample
 
-    from .runtime import extension
-
-    extension()
-    from balanced_control.nodes.micontrolnet import MIControlNetApply, MIControlNetSettings
-
     a, base = trainer.args, trainer.base
-    image, prompt = _condition_image(trainer)
-    sd = {k: v.detach().to("cpu", torch.float32).clone() for k, v in trainer.cnet_module.state_dict().items()}
-    control_net = comfy.controlnet.load_controlnet_state_dict(sd)
-
-    def encode(text):
-        cond, pooled = base.clip.encode_from_tokens(base.clip.tokenize(text), return_pooled=True)
-        return [[cond, {"pooled_output": pooled}]]
-
-    positive, negative = MIControlNetApply.execute(encode(prompt), encode(""), control_net, image, 1.0, 0.0, 1.0,
-                                                   None, None).args
-    patcher = MIControlNetSettings.execute(base.patcher, "micontrolnet", a.granularity, a.max_lambda, False).args[0]
     h = a.resolution // 8
     latent = torch.zeros(1, base.model.latent_format.latent_channels, h, h)
     noise = comfy.sample.prepare_noise(latent, a.seed)
@@ -67,3 +57,38 @@ def sample_validation(trainer, step: int) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray((row.numpy() * 255).round().astype(np.uint8)).save(out)
     return out
+
+
+@torch.no_grad()
+def sample_micontrolnet(trainer, step: int) -> Path:
+    import comfy.controlnet
+
+    from .runtime import extension
+
+    extension()
+    from balanced_control.nodes.micontrolnet import MIControlNetApply, MIControlNetSettings
+
+    a, base = trainer.args, trainer.base
+    image, prompt = _condition_image(trainer)
+    sd = {k: v.detach().to("cpu", torch.float32).clone() for k, v in trainer.cnet_module.state_dict().items()}
+    control_net = comfy.controlnet.load_controlnet_state_dict(sd)
+    positive, negative = MIControlNetApply.execute(_encode(base, prompt), _encode(base, ""), control_net, image,
+                                                   1.0, 0.0, 1.0, None, None).args
+    patcher = MIControlNetSettings.execute(base.patcher, "micontrolnet", a.granularity, a.max_lambda, False).args[0]
+    return _sample_and_save(trainer, patcher, positive, negative, image, step)
+
+
+@torch.no_grad()
+def sample_controlnext(trainer, step: int) -> Path:
+    from .runtime import controlnext
+
+    cx = controlnext()
+    a, base = trainer.args, trainer.base
+    image, prompt = _condition_image(trainer)
+    module_sd = {k: v.detach().to("cpu", torch.float32).clone()
+                 for k, v in trainer.cnet_module.control.state_dict().items()}
+    # The UNet subset is trained in place: the base model already holds it, so
+    # only the module is handed over (a UNet file here would apply it twice).
+    weights = cx.ControlNeXtWeights(module_sd, f"validation module at step {step}")
+    patcher = cx.apply_controlnext(base.patcher, weights, image, a.strength, label="validation")
+    return _sample_and_save(trainer, patcher, _encode(base, prompt), _encode(base, ""), image, step)
