@@ -557,3 +557,25 @@ def test_training_qc_loss_has_the_estimator_value_and_an_unbiased_gradient():
     a, b = torch.cat([g.flatten() for g in g_est]), torch.cat([g.flatten() for g in g_exact])
     assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.99
     assert abs(a.norm() / b.norm() - 1) < 0.05
+
+
+# --- command line ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("subcommand", ["micontrolnet", "controlnext", "eval", "refine-control",
+                                        "refine-control-eval"])
+def test_help_explains_every_option(subcommand):
+    import argparse
+    import subprocess
+    import sys
+
+    from headless.runtime import REPO
+    from training.__main__ import SUBCOMMANDS
+
+    out = subprocess.run([sys.executable, "-m", "training", subcommand, "--help"], cwd=REPO, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    parser = argparse.ArgumentParser()
+    SUBCOMMANDS[subcommand][1](parser)
+    for action in parser._actions:
+        assert action.help, f"{subcommand}: --{action.dest} has no help"
+        assert action.option_strings[0] in out.stdout
