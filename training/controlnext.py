@@ -12,10 +12,9 @@ samples. The outputs are the files ``ControlNeXtLoader`` reads.
 from __future__ import annotations
 
 import argparse
-import logging
 import re
 
-from .micontrolnet import add_validation_arguments, validation_problems
+from . import cli
 
 HELP = "train a ControlNeXt control module and a regex-selected subset of the UNet"
 
@@ -111,17 +110,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--name", default="controlnext", help="file name stem of the outputs (default: controlnext)")
     g.add_argument("--save-dtype", default="fp16", choices=["fp16", "bf16", "fp32"],
                    help="dtype of the exported files (default: fp16)")
-    g.add_argument("--checkpoint-every", type=int, default=500, help="write a resumable checkpoint every N steps "
-                   "(default: 500; one is always written at the end)")
-    g.add_argument("--keep-checkpoints", type=int, default=3, help="resumable checkpoints to keep (default: 3)")
-    g.add_argument("--resume", default=None, metavar="latest|DIR",
-                   help="continue from the newest checkpoint in OUTPUT/checkpoints, or from a checkpoint folder")
-    add_validation_arguments(g)
-    g.add_argument("--no-progress", action="store_true", help="no progress bar (the CSV log is still written)")
+    cli.add_run_arguments(g)
 
 
 def run(args) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cli.configure_logging()
     _check_args(args)
     from .controlnext_trainer import ControlNeXtTrainer
 
@@ -129,14 +122,7 @@ def run(args) -> int:
 
 
 def _check_args(args) -> None:
-    problems = []
-    if args.resolution % 64:
-        problems.append(f"--resolution must be divisible by 64, got {args.resolution}")
-    for name in ("max_steps", "batch_size", "gradient_accumulation", "checkpoint_every"):
-        if getattr(args, name) < 1:
-            problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if not 0.0 <= args.empty_prompt_prob <= 1.0:
-        problems.append(f"--empty-prompt-prob must be in [0, 1], got {args.empty_prompt_prob}")
+    problems = cli.common_problems(args)
     if args.module_lr_scale <= 0:
         problems.append(f"--module-lr-scale must be > 0, got {args.module_lr_scale}")
     if args.unet_pattern not in (None, NO_UNET):
@@ -144,9 +130,7 @@ def _check_args(args) -> None:
             re.compile(args.unet_pattern)
         except re.error as e:
             problems.append(f"--unet-pattern {args.unet_pattern!r} is not a regular expression ({e})")
-    problems += validation_problems(args)
-    if problems:
-        raise SystemExit("training controlnext: " + "; ".join(problems))
+    cli.stop_on_problems("controlnext", problems)
 
 
 def lr_at(step: int, base_lr: float, warmup: int) -> float:

@@ -286,10 +286,7 @@ class ControlNeXtTrainer(MIControlNetTrainer):
                                        "elapsed_s": f"{time.perf_counter() - t_start:.2f}"})
                         bar.set_postfix(loss=f"{loss:.4f}")
                         bar.update(1)
-                    if step % a.checkpoint_every == 0 or step == a.max_steps:
-                        self.save_checkpoint(step)
-                    if a.validate_every and (step % a.validate_every == 0 or step == a.max_steps):
-                        self.validate(step)
+                    self.checkpoint_and_validate(step)
             bar.close()
             if csv_log:
                 csv_log.close()

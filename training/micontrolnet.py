@@ -9,9 +9,9 @@ MIControlNetApply node load as is.
 from __future__ import annotations
 
 import argparse
-import logging
 import math
-from pathlib import Path
+
+from . import cli
 
 HELP = "train a MIControlNet (stage 1: balanced data through add^inj; stage 2: + conservativity loss)"
 
@@ -102,62 +102,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--name", default="micontrolnet", help="file name of the final ControlNet (default: micontrolnet)")
     g.add_argument("--save-dtype", default="fp16", choices=["fp16", "bf16", "fp32"],
                    help="dtype of the exported ControlNet file (default: fp16)")
-    g.add_argument("--checkpoint-every", type=int, default=500, help="write a resumable checkpoint every N steps "
-                   "(default: 500; one is always written at the end)")
-    g.add_argument("--keep-checkpoints", type=int, default=3, help="resumable checkpoints to keep (default: 3)")
-    g.add_argument("--resume", default=None, metavar="latest|DIR",
-                   help="continue from the newest checkpoint in OUTPUT/checkpoints, or from a checkpoint folder")
-    add_validation_arguments(g)
-    g.add_argument("--no-progress", action="store_true", help="no progress bar (the CSV log is still written)")
-
-
-def add_validation_arguments(group) -> None:
-    """The validation options of the training subcommands (micontrolnet, controlnext)."""
-    group.add_argument("--validate-every", type=int, default=0,
-                       help="sample a validation image with ComfyUI's sampler every N steps and at the end, "
-                            "0 = off (default: 0)")
-    group.add_argument("--validation-image", default=None,
-                       help="condition image for validation (default: the first sample's full condition)")
-    group.add_argument("--validation-prompt", default=None, help="prompt for validation (default: the first sample's)")
-    group.add_argument("--validation-steps", type=int, default=20, help="sampling steps of validation (default: 20)")
-    group.add_argument("--validation-cfg", type=float, default=7.0, help="CFG scale of validation (default: 7)")
-
-
-def validation_problems(args) -> list[str]:
-    problems = []
-    if args.validate_every < 0:
-        problems.append(f"--validate-every must be >= 0, got {args.validate_every}")
-    if args.validation_steps < 1:
-        problems.append(f"--validation-steps must be >= 1, got {args.validation_steps}")
-    if args.validation_image and not Path(args.validation_image).is_file():
-        problems.append(f"--validation-image {args.validation_image}: no such file")
-    return problems
+    cli.add_run_arguments(g)
 
 
 def run(args) -> int:
     from .trainer import MIControlNetTrainer
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cli.configure_logging()
     _check_args(args)
     return MIControlNetTrainer(args).train()
 
 
 def _check_args(args) -> None:
-    problems = []
-    if args.resolution % 64:
-        problems.append(f"--resolution must be divisible by 64, got {args.resolution}")
-    for name in ("max_steps", "batch_size", "gradient_accumulation", "qc_every"):
-        if getattr(args, name) < 1:
-            problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("rebalance_prob", "keep_prob", "empty_prompt_prob"):
+    problems = cli.common_problems(args)
+    if args.qc_every < 1:
+        problems.append(f"--qc-every must be >= 1, got {args.qc_every}")
+    for name in ("rebalance_prob", "keep_prob"):
         v = getattr(args, name)
         if not 0.0 <= v <= 1.0:
             problems.append(f"--{name.replace('_', '-')} must be in [0, 1], got {v}")
-    if args.checkpoint_every < 1:
-        problems.append(f"--checkpoint-every must be >= 1, got {args.checkpoint_every}")
-    problems += validation_problems(args)
-    if problems:
-        raise SystemExit("training micontrolnet: " + "; ".join(problems))
+    cli.stop_on_problems("micontrolnet", problems)
 
 
 def lr_at(step: int, base_lr: float, warmup: int) -> float:

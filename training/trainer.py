@@ -244,10 +244,7 @@ class MIControlNetTrainer:
                                        "elapsed_s": f"{time.perf_counter() - t_start:.2f}"})
                         bar.set_postfix(loss=f"{means['total']:.4f}", qc=f"{means['qc']:.3g}")
                         bar.update(1)
-                    if step % a.checkpoint_every == 0 or step == a.max_steps:
-                        self.save_checkpoint(step)
-                    if a.validate_every and (step % a.validate_every == 0 or step == a.max_steps):
-                        self.validate(step)
+                    self.checkpoint_and_validate(step)
             bar.close()
             if csv_log:
                 csv_log.close()
@@ -329,6 +326,14 @@ class MIControlNetTrainer:
         gathered = [None] * self.dist.world
         torch.distributed.all_gather_object(gathered, mine)
         return {str(r): g for r, g in enumerate(gathered)}
+
+    def checkpoint_and_validate(self, step: int) -> None:
+        """After optimizer step ``step``: a checkpoint and a validation image when due (always at the end)."""
+        a = self.args
+        if step % a.checkpoint_every == 0 or step == a.max_steps:
+            self.save_checkpoint(step)
+        if a.validate_every and (step % a.validate_every == 0 or step == a.max_steps):
+            self.validate(step)
 
     def validate(self, step: int) -> None:
         """A validation image from rank 0 (``sample_validation``); the other ranks wait."""

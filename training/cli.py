@@ -1,0 +1,54 @@
+"""Command-line pieces the UNet training subcommands (micontrolnet,
+controlnext) share: run control options, validation options, and the checks
+of their values. Light imports only, so ``--help`` answers at once."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+
+def add_run_arguments(group) -> None:
+    """Checkpoints, resume, validation and progress options, added to ``group``."""
+    group.add_argument("--checkpoint-every", type=int, default=500, help="write a resumable checkpoint every N "
+                       "steps (default: 500; one is always written at the end)")
+    group.add_argument("--keep-checkpoints", type=int, default=3,
+                       help="resumable checkpoints to keep, 0 = all (default: 3)")
+    group.add_argument("--resume", default=None, metavar="latest|DIR",
+                       help="continue from the newest checkpoint in OUTPUT/checkpoints, or from a checkpoint folder")
+    group.add_argument("--validate-every", type=int, default=0,
+                       help="sample a validation image with ComfyUI's sampler every N steps and at the end, "
+                            "0 = off (default: 0)")
+    group.add_argument("--validation-image", default=None,
+                       help="condition image for validation (default: the first sample's full condition)")
+    group.add_argument("--validation-prompt", default=None, help="prompt for validation (default: the first sample's)")
+    group.add_argument("--validation-steps", type=int, default=20, help="sampling steps of validation (default: 20)")
+    group.add_argument("--validation-cfg", type=float, default=7.0, help="CFG scale of validation (default: 7)")
+    group.add_argument("--no-progress", action="store_true", help="no progress bar (the CSV log is still written)")
+
+
+def common_problems(args) -> list[str]:
+    """What is wrong with the options both subcommands have, one sentence each."""
+    problems = []
+    if args.resolution % 64:
+        problems.append(f"--resolution must be divisible by 64, got {args.resolution}")
+    for name in ("max_steps", "batch_size", "gradient_accumulation", "checkpoint_every", "validation_steps"):
+        if getattr(args, name) < 1:
+            problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("keep_checkpoints", "validate_every"):
+        if getattr(args, name) < 0:
+            problems.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if not 0.0 <= args.empty_prompt_prob <= 1.0:
+        problems.append(f"--empty-prompt-prob must be in [0, 1], got {args.empty_prompt_prob}")
+    if args.validation_image and not Path(args.validation_image).is_file():
+        problems.append(f"--validation-image {args.validation_image}: no such file")
+    return problems
+
+
+def stop_on_problems(subcommand: str, problems: list[str]) -> None:
+    if problems:
+        raise SystemExit(f"training {subcommand}: " + "; ".join(problems))
+
+
+def configure_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
