@@ -17,8 +17,8 @@ fi
 # suite writes up to about 4 GB of temporary files (model copies, training
 # checkpoints); say so up front rather than fail with a full disk.
 _tmp="${TMPDIR:-/tmp}"
-_free_gb=$(df -Pk "$_tmp" | awk 'NR==2 {print int($4 / 1048576)}')
-if [ "${_free_gb:-0}" -lt 4 ]; then
+_free_gb=$(df -Pk "$_tmp" 2>/dev/null | awk 'NR==2 {print int($4 / 1048576)}') || _free_gb=""
+if [ -n "$_free_gb" ] && [ "$_free_gb" -lt 4 ]; then
   echo "[run_tests] warning: only ${_free_gb} GB free in $_tmp; the suite needs about 4 GB there" >&2
 fi
 

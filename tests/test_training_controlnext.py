@@ -218,6 +218,32 @@ def test_sigkill_and_resume_gives_identical_losses_and_delta_equals_absolute(run
     assert any((v - model.state_dict()[k]).abs().max() > 0 for k, v in absolute.items())  # it trained
 
 
+def test_the_validation_image_is_what_the_exported_files_sample(runs, tmp_path):
+    """The end-of-run validation image of the ΔW run equals a sample from its exported
+    module and ΔW file applied to a freshly loaded base through apply_controlnext:
+    the trained UNet subset is in the validation sample exactly once."""
+    from types import SimpleNamespace
+
+    from training import data, models, validation
+
+    run = runs["root"] / "killed"  # the --unet-weights delta run of the test above
+    if not (run / "controlnext_unet_delta.safetensors").is_file():
+        pytest.skip("needs the delta run of test_sigkill_and_resume_gives_identical_losses_and_delta_equals_absolute")
+    args = SimpleNamespace(**json.loads((run / "args.json").read_text()))
+    args.output = str(tmp_path)
+    trainer = SimpleNamespace(args=args, base=models.load_base_model(args.base), dist=SimpleNamespace(device=CPU),
+                              records=data.scan_dataset(args.data, need_condition=False).records)
+    weights = cx.ControlNeXtWeights.from_files(run / "controlnext.safetensors",
+                                               run / "controlnext_unet_delta.safetensors")
+    image, prompt = validation._condition_image(trainer)
+    patcher = cx.apply_controlnext(trainer.base.patcher, weights, image, args.strength)
+    resampled = validation._sample_and_save(trainer, patcher, validation._encode(trainer.base, prompt),
+                                            validation._encode(trainer.base, ""), image, STEPS)
+    during = np.asarray(Image.open(run / "validation" / f"step-{STEPS:08d}.png"), dtype=np.float32)
+    after = np.asarray(Image.open(resampled), dtype=np.float32)
+    assert np.abs(during - after).max() <= 2, np.abs(during - after).max()
+
+
 def test_trained_files_sample_through_the_nodes_in_comfyui(runs, tmp_path, small_sd15_files):
     base = tmp_path / "comfy"
     ckpt = copy_model(small_sd15_files["checkpoint"], base / "models" / "checkpoints", "small-sd15.safetensors")

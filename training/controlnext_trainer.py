@@ -291,7 +291,7 @@ class ControlNeXtTrainer(MIControlNetTrainer):
             if csv_log:
                 csv_log.close()
             if dist.main:
-                paths = self.export()
+                paths = self.export_or_exit()
                 skipped = self.skipped_at_scan + len(self.samples.bad)
                 log.info("wrote %s (%d samples skipped)", ", ".join(str(p) for p in paths), skipped)
             dist.barrier()
@@ -322,8 +322,6 @@ class ControlNeXtTrainer(MIControlNetTrainer):
 
     def export(self) -> list[Path]:
         """NAME.safetensors (the module) and NAME_unet[_delta].safetensors, written atomically."""
-        import safetensors.torch
-
         a, net = self.args, self.cnet_module
         dtype = SAVE_DTYPES[a.save_dtype]
         meta = {"trained_with": "ComfyUI-BalancedControl training controlnext", "base_family": self.base.family,
@@ -337,11 +335,5 @@ class ControlNeXtTrainer(MIControlNetTrainer):
                                                self.base.unet_config, dtype)
             files[f"{a.name}{suffix}.safetensors"] = (tensors, {**meta, "format": f"ControlNeXt UNet subset, "
                                                                f"{self.unet_weights}"})
-        written = []
-        for name, (tensors, metadata) in files.items():
-            path = self.output / name
-            tmp = path.with_name(path.name + ".partial")
-            safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
-            tmp.replace(path)
-            written.append(path)
-        return written
+        return [engine.save_tensors_atomically(tensors, self.output / name, metadata)
+                for name, (tensors, metadata) in files.items()]

@@ -139,9 +139,9 @@ def save_tensors(tensors: dict, path: Path, metadata: dict | None = None) -> Non
     """Write a safetensors file and sync it to disk.
 
     safetensors reports a failed write (full disk, quota, I/O error) as its own
-    ``SafetensorError``, not as ``OSError``; it is raised here as ``OSError``
-    with the errno of the underlying failure, so callers handle every failed
-    write in one place."""
+    ``SafetensorError``, not as ``OSError``; such a failure is raised here as
+    ``OSError`` with the errno of the underlying error, so callers handle
+    every failed write in one place. Other safetensors errors pass unchanged."""
     import safetensors
     import safetensors.torch
 
@@ -149,11 +149,29 @@ def save_tensors(tensors: dict, path: Path, metadata: dict | None = None) -> Non
         safetensors.torch.save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path),
                                     metadata=metadata)
     except safetensors.SafetensorError as e:
-        found = re.search(r"os error (\d+)", str(e))
-        code = int(found.group(1)) if found else errno.EIO
-        raise OSError(code, f"{os.strerror(code)} while writing {path} ({e})") from e
+        message = str(e)
+        # "I/O error: ... (os error 28)" (safetensors 0.5+) or "IoError(Os { code: 28, ... })" (0.4)
+        found = re.search(r"os error (\d+)|code: (\d+)", message)
+        if not found and "io" not in message.lower():
+            raise
+        code = int(found.group(1) or found.group(2)) if found else errno.EIO
+        raise OSError(code, f"{os.strerror(code)} while writing {path} ({message})") from e
     with open(path, "rb") as f:
         os.fsync(f.fileno())
+
+
+def save_tensors_atomically(tensors: dict, path: Path, metadata: dict | None = None) -> Path:
+    """``save_tensors`` into ``path.partial``, then renamed onto ``path``: a
+    failed write never leaves a truncated file under the final name."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".partial")
+    try:
+        save_tensors(tensors, tmp, metadata)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    tmp.replace(path)
+    return path
 
 
 def load_tensors(path: Path) -> dict:

@@ -248,15 +248,12 @@ def controlnet_from_file(path: str | Path, base: BaseModel, device="cpu") -> tor
 def save_controlnet(cnet: torch.nn.Module, path: str | Path, dtype: torch.dtype = torch.float16,
                     metadata: dict | None = None) -> Path:
     """Write the ControlNet in the ControlNet v1.1 (ldm) key layout, atomically."""
-    import safetensors.torch
+    from . import engine
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().to("cpu", dtype).contiguous() for k, v in unwrap(cnet).state_dict().items()}
-    tmp = path.with_name(path.name + ".partial")
-    safetensors.torch.save_file(sd, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
-    tmp.replace(path)
-    return path
+    sd = {k: v.detach().to("cpu", dtype) for k, v in unwrap(cnet).state_dict().items()}
+    return engine.save_tensors_atomically(sd, path, {k: str(v) for k, v in (metadata or {}).items()})
 
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:

@@ -131,11 +131,13 @@ def qc_per_row_for_training(jv: torch.Tensor, jtv: torch.Tensor) -> torch.Tensor
     return value + (surrogate - surrogate.detach())
 
 
-def jacobian_probes(f, x: torch.Tensor, v: torch.Tensor, create_graph: bool = True, retain_graph: bool = False):
+def jacobian_probes(f, x: torch.Tensor, v: torch.Tensor, create_graph: bool = False, retain_graph: bool = False):
     """(f(x), J v, Jᵀ v) of ``f`` at ``x``: one forward-mode and one reverse-mode
-    product. With ``create_graph`` both products stay differentiable with
-    respect to the parameters inside ``f``; without it, ``retain_graph`` keeps
-    f(x) and J v differentiable (J v carries the forward-mode graph)."""
+    product. ``retain_graph`` keeps f(x) and J v differentiable with respect to
+    the parameters inside ``f`` (J v carries the forward-mode graph); Jᵀ v
+    has no graph. ``create_graph`` also makes Jᵀ v differentiable, which needs
+    ``f`` to be twice differentiable: not through ``forward_mode_attention``,
+    whose primal comes from SDPA's fused kernel."""
     x = x.detach().contiguous().requires_grad_(True)
     with fwAD.dual_level(), ConstantWeightTangents():
         out_dual = f(fwAD.make_dual(x, v.to(x.dtype)))
@@ -228,6 +230,8 @@ def forward_mode_attention(q, k, v, heads, mask=None, attn_precision=None, skip_
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
         p = torch.softmax(scores, dim=-1)
+        if mask is not None:  # a query with every key masked: SDPA gives 0, softmax NaN
+            p = p.nan_to_num(0.0)
         if dq is not None or dk is not None:
             # dS = [dq, q] [k, dk]ᵀ/√d in one product; (P ⊙ dS) [v, 1] gives
             # (P ⊙ dS) v and rowsum(P ⊙ dS) in one more.
@@ -327,7 +331,7 @@ def loss_terms(model, cnet, batch: Batch, qc_weight: float = 0.0, granularity: s
                               batch.context, batch.y, batch.hint, granularity, max_lambda, mode)
 
     # No autocast here: autocast casts primals but not forward-mode tangents
-    # (conv(tangent fp32, weight bf16) fails), and second-order terms want fp32.
+    # (conv(tangent fp32, weight bf16) fails), and the L_QC terms want fp32.
     with training_attention(forward_mode=True):
         eps, jv, jtv = jacobian_probes(through_controlnet, x_noisy, batch.probe, create_graph=False,
                                        retain_graph=True)

@@ -290,10 +290,8 @@ def save_student(student, path: Path, depth: int, dtype, metadata: dict) -> Path
     sd = mmdit_controlnet_to_diffusers({k: v.detach() for k, v in student.state_dict().items()}, depth,
                                        len(student.joint_blocks))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".partial")
-    engine.save_tensors({k: v.to(dtype) for k, v in sd.items()}, tmp, {k: str(v) for k, v in metadata.items()})
-    tmp.replace(path)
-    return path
+    return engine.save_tensors_atomically({k: v.to(dtype) for k, v in sd.items()}, path,
+                                          {k: str(v) for k, v in metadata.items()})
 
 
 # --------------------------------------------------------------------------

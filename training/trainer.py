@@ -250,7 +250,7 @@ class MIControlNetTrainer:
                 csv_log.close()
             skipped = self.skipped_at_scan + len(self.samples.bad)
             if dist.main:
-                path = self.export()
+                path = self.export_or_exit()
                 log.info("wrote %s (%d samples skipped: %d at scan, %d at load)", path, skipped,
                          self.skipped_at_scan, len(self.samples.bad))
             dist.barrier()
@@ -266,6 +266,15 @@ class MIControlNetTrainer:
                 "stage": self.args.stage, "granularity": self.args.granularity, "base_family": self.base.family}
         return models.save_controlnet(self.cnet_module, self.output / f"{self.args.name}.safetensors",
                                       SAVE_DTYPES[self.args.save_dtype], meta)
+
+    def export_or_exit(self):
+        """``export()``; a failed write ends the run with what to do about it."""
+        try:
+            return self.export()
+        except OSError as e:
+            raise SystemExit(f"training: the trained weights could not be written: {e}. The last checkpoint in "
+                             f"{self.store.root} holds them: free some space and run the same command with "
+                             f"--resume latest to write them again.") from e
 
     def save_checkpoint(self, step: int) -> Path | None:
         """All ranks take part (each writes its RNG state); rank 0 writes the rest.
@@ -291,6 +300,8 @@ class MIControlNetTrainer:
             ok = False
             log.error("checkpoint at step %d: rank %d could not write its RNG state: %s", step, dist.rank, e)
         rng_all = self._gather_rng()
+        # A checkpoint is complete only if every rank wrote its part.
+        ok = dist.all_reduce_mean(1.0 if ok else 0.0) == 1.0
         dist.barrier()
         if not dist.main:
             dist.barrier()
@@ -308,6 +319,10 @@ class MIControlNetTrainer:
                          "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None}
                 engine.write_json(tmp / "state.json", state)
                 final = self.store.commit(step)
+            else:
+                self.store.abort(step)
+                log.error("checkpoint at step %d not written (a rank failed its part); the previous one is intact",
+                          step)
         except OSError as e:
             self.store.abort(step)
             log.error("checkpoint at step %d not written (%s); the previous one is intact", step, e)

@@ -39,6 +39,7 @@ def _encode(base, text: str) -> list:
     return [[cond, {"pooled_output": pooled}]]
 
 
+@torch.no_grad()
 def _sample_and_save(trainer, patcher, positive, negative, image: torch.Tensor, step: int) -> Path:
     import comfy.sample
 
