@@ -152,7 +152,7 @@ def save_tensors(tensors: dict, path: Path, metadata: dict | None = None) -> Non
         message = str(e)
         # "I/O error: ... (os error 28)" (safetensors 0.5+) or "IoError(Os { code: 28, ... })" (0.4)
         found = re.search(r"os error (\d+)|code: (\d+)", message)
-        if not found and "io" not in message.lower():
+        if not found and not re.search(r"i/o error|ioerror", message, re.IGNORECASE):
             raise
         code = int(found.group(1) or found.group(2)) if found else errno.EIO
         raise OSError(code, f"{os.strerror(code)} while writing {path} ({message})") from e
