@@ -20,9 +20,7 @@ and the blocks' share only grows with the width. Target: ratio <= 0.55.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -45,8 +43,8 @@ def main(argv=None):
     import comfy.controlnet
     import comfy.model_management
 
-    from balanced_control.model_patches.refine_control_runtime import controlnet_layers
     from headless import synthetic_sd3
+    from training.refine_control import median_controlnet_seconds
 
     config = dict(synthetic_sd3.TINY_SD3, depth=args.width_depth,
                   context_embedder_config={"target": "torch.nn.Linear",
@@ -61,30 +59,9 @@ def main(argv=None):
         control = comfy.controlnet.load_controlnet_state_dict(sd)
         nets[name] = control.control_model.to(device, dtype)
 
-    g = torch.Generator().manual_seed(0)
     side = args.latent
-    x = torch.randn(2, 16, side, side, generator=g).to(device, dtype)
-    hint = torch.randn(2, 17, side, side, generator=g).to(device, dtype)
-    t = torch.full((2,), 500.0, device=device, dtype=dtype)
-    ctx = torch.randn(2, 154, 4096, generator=g).to(device, dtype)
-    y = torch.randn(2, 2048, generator=g).to(device, dtype)
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    times = {k: [] for k in nets}
-    with torch.inference_mode():
-        for rep in range(args.repeats + 1):
-            for name, cn in nets.items():
-                sync()
-                t0 = time.perf_counter()
-                controlnet_layers(cn, x, hint, t, ctx, y)
-                sync()
-                if rep > 0:  # the first round warms up
-                    times[name].append(time.perf_counter() - t0)
-            print(f"  round {rep}/{args.repeats}", flush=True)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = median_controlnet_seconds(nets, side, 4096, 2048, args.repeats,
+                                    on_round=lambda i: print(f"  round {i}/{args.repeats}", flush=True))
     print(f"\nControlNet time per sampling step (batch 2: cond + uncond), latent {side}x{side}, "
           f"width {64 * args.width_depth}, {device}, median of {args.repeats}:")
     print(f"  teacher ({args.teacher_layers} layers) {med['teacher'] * 1000:9.1f} ms")

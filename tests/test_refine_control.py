@@ -293,6 +293,25 @@ def test_training_stages_decrease_loss_and_report_skipped_items(trained):
     assert (trained["out"] / "checkpoints" / "step-00000004" / "state.json").is_file()
 
 
+def test_eval_reports_masked_scores_and_the_controlnet_time_ratio(trained, tmp_path):
+    """refine-control-eval on the trained student: masked PSNR/SSIM for both
+    ControlNets through ComfyUI's sampler, and the side-by-side timing."""
+    data = _dataset(tmp_path / "heldout", n=1)
+    report_path = tmp_path / "eval.json"
+    cmd = [sys.executable, "-m", "training", "refine-control-eval", "--base", str(trained["base"]),
+           "--teacher", str(trained["teacher"]), "--student", str(trained["out"] / "refine_control_student.safetensors"),
+           "--data", str(data), "--resolution", "32", "--steps", "1", "--cfg", "1", "--timing-repeats", "2",
+           "--output", str(report_path)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    report = json.loads(report_path.read_text())
+    assert report["images"] == 1 and report["skipped_items"] == 2  # the two broken items of _dataset
+    assert all(np.isfinite(report[f"{who}_{m}"]) for who in ("teacher", "student") for m in ("psnr", "ssim"))
+    assert (report["teacher_layers"], report["student_layers"]) == (3, 2)
+    assert report["teacher_ms"] > 0 and report["time_ratio"] == pytest.approx(
+        report["student_ms"] / report["teacher_ms"])
+
+
 def test_student_init_from_base_blocks_and_teacher_embedder():
     from training.refine_control import build_student, load_sd3_base, load_sd3_controlnet
     base, teacher_path = _files()

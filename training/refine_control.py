@@ -605,7 +605,6 @@ def run_eval(args) -> int:
     import comfy.controlnet
     import comfy.sample
     from balanced_control.model_patches import refine_control as rc
-    from balanced_control.model_patches.refine_control_runtime import controlnet_layers
     from balanced_control.nodes.refine_control import RefineControlInpaintApply
 
     records, skipped = scan_inpaint_data(args.data)
@@ -644,7 +643,7 @@ def run_eval(args) -> int:
             scores[name]["psnr"].append(float(rc.masked_psnr(decoded, image, mask)[0]))
             scores[name]["ssim"].append(float(rc.masked_ssim(decoded, image, mask)[0]))
 
-    timing = controlnet_timing(nets, patcher, args, controlnet_layers)
+    timing = controlnet_timing(nets, patcher, args)
     report = {"images": len(scores["student"]["psnr"]), "skipped_items": len(skipped), "empty_masks": empty,
               **{f"{k}_{m}": (statistics.fmean(v[m]) if v[m] else None) for k, v in scores.items() for m in v},
               **timing}
@@ -656,44 +655,63 @@ def run_eval(args) -> int:
     return 0
 
 
-def controlnet_timing(nets: dict, patcher, args, controlnet_layers) -> dict:
-    """Median ControlNet forward time (one sampling step, cond + uncond rows),
-    student and teacher alternating so both see the same machine state."""
+def controlnet_timing(nets: dict, patcher, args) -> dict:
+    """Median ControlNet forward time of the student and the teacher at the
+    evaluation resolution (``median_controlnet_seconds``)."""
     import comfy.model_management
     import torch
 
     dev = comfy.model_management.get_torch_device()
     dm = patcher.model.diffusion_model
-    h = w = args.resolution // 8
-    models = {}
-    for name, (control, _) in nets.items():
-        cn = control.control_model
-        dtype = comfy.model_management.unet_dtype() if dev.type == "cuda" else torch.float32
-        models[name] = (cn.to(dev, dtype), dtype)
+    dtype = comfy.model_management.unet_dtype() if dev.type == "cuda" else torch.float32
+    models = {name: control.control_model.to(dev, dtype) for name, (control, _) in nets.items()}
     ctx_dim = dm.context_embedder.in_features if hasattr(dm.context_embedder, "in_features") else 4096
     adm = dm.y_embedder.mlp[0].in_features if dm.y_embedder is not None else 2048
-    times = {k: [] for k in models}
-
-    def sync():
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-
-    with torch.no_grad():
-        for rep in range(args.timing_repeats + 1):
-            for name, (cn, dtype) in models.items():
-                x = torch.randn(2, 16, h, w, device=dev, dtype=dtype)
-                hint = torch.randn(2, cn.pos_embed_input.proj.weight.shape[1], h, w, device=dev, dtype=dtype)
-                t = torch.full((2,), 500.0, device=dev, dtype=dtype)
-                ctx = torch.randn(2, 154, ctx_dim, device=dev, dtype=dtype)
-                y = torch.randn(2, adm, device=dev, dtype=dtype)
-                sync()
-                t0 = time.perf_counter()
-                controlnet_layers(cn, x, hint, t, ctx, y)
-                sync()
-                if rep > 0:  # the first round warms up
-                    times[name].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    return {"teacher_layers": len(models["teacher"][0].joint_blocks),
-            "student_layers": len(models["student"][0].joint_blocks),
+    med = median_controlnet_seconds(models, args.resolution // 8, ctx_dim, adm, args.timing_repeats)
+    return {"teacher_layers": len(models["teacher"].joint_blocks),
+            "student_layers": len(models["student"].joint_blocks),
             "teacher_ms": med["teacher"] * 1000, "student_ms": med["student"] * 1000,
             "time_ratio": med["student"] / med["teacher"], "device": str(dev)}
+
+
+def median_controlnet_seconds(models: dict, latent_side: int, ctx_dim: int, adm: int, repeats: int,
+                              on_round=None) -> dict:
+    """Median forward time of each SD3 ControlNet in ``models`` (name -> module,
+    on its device and dtype) for one sampling step: batch 2 (cond + uncond
+    rows), run by the node's own layer function. The models alternate within
+    every round so that all see the same machine state; the first round warms
+    up. ``on_round(i)`` is called after each round."""
+    import torch
+
+    from balanced_control.model_patches.refine_control_runtime import controlnet_layers
+
+    g = torch.Generator().manual_seed(0)
+    inputs = {}
+    for name, cn in models.items():
+        p = next(cn.parameters())
+        hint_channels = cn.pos_embed_input.proj.weight.shape[1]
+        inputs[name] = [t.to(p.device, p.dtype) for t in (
+            torch.randn(2, 16, latent_side, latent_side, generator=g),
+            torch.randn(2, hint_channels, latent_side, latent_side, generator=g),
+            torch.full((2,), 500.0),
+            torch.randn(2, 154, ctx_dim, generator=g),
+            torch.randn(2, adm, generator=g))]
+
+    def sync(device):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    times = {name: [] for name in models}
+    with torch.inference_mode():
+        for rep in range(repeats + 1):
+            for name, cn in models.items():
+                device = inputs[name][0].device
+                sync(device)
+                t0 = time.perf_counter()
+                controlnet_layers(cn, *inputs[name])
+                sync(device)
+                if rep > 0:
+                    times[name].append(time.perf_counter() - t0)
+            if on_round:
+                on_round(rep)
+    return {name: statistics.median(v) for name, v in times.items()}
