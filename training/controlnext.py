@@ -131,9 +131,3 @@ def _check_args(args) -> None:
         except re.error as e:
             problems.append(f"--unet-pattern {args.unet_pattern!r} is not a regular expression ({e})")
     cli.stop_on_problems("controlnext", problems)
-
-
-def lr_at(step: int, base_lr: float, warmup: int) -> float:
-    return base_lr if warmup <= 0 else base_lr * min(1.0, (step + 1) / warmup)
-
-

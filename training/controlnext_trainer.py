@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from . import engine
-from .controlnext import DEFAULT_UNET_PATTERN, DEFAULT_UNET_WEIGHTS, NO_UNET, VARIANT_OF_FAMILY, lr_at
+from .controlnext import DEFAULT_UNET_PATTERN, DEFAULT_UNET_WEIGHTS, NO_UNET, VARIANT_OF_FAMILY
 from .runtime import controlnext as cnx_patches
 from .trainer import SAVE_DTYPES, MIControlNetTrainer, _null
 
@@ -248,7 +248,6 @@ class ControlNeXtTrainer(MIControlNetTrainer):
             step, micro, loss_sum = self.start_step, 0, 0.0
             timer = engine.StepTimer()
             t_start = time.perf_counter()
-            params = [p for g in self.optimizer.param_groups for p in g["params"]]
             with objectives.training_attention():
                 for items in loader:
                     batch = self._batch(items, probes=False)
@@ -263,15 +262,7 @@ class ControlNeXtTrainer(MIControlNetTrainer):
                     if not last_micro:
                         continue
                     micro = 0
-                    lr = lr_at(step, a.learning_rate, a.lr_warmup_steps)
-                    for group in self.optimizer.param_groups:
-                        group["lr"] = lr * group["lr_scale"]
-                    self.scaler.unscale_(self.optimizer)
-                    if a.max_grad_norm > 0:
-                        torch.nn.utils.clip_grad_norm_(params, a.max_grad_norm)
-                    self.scaler.step(self.optimizer)
-                    self.scaler.update()
-                    self.optimizer.zero_grad(set_to_none=True)
+                    lr = self.optimizer_step(step)
                     step += 1
                     loss = dist.all_reduce_mean(loss_sum)
                     loss_sum = 0.0

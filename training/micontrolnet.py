@@ -9,7 +9,6 @@ MIControlNetApply node load as is.
 from __future__ import annotations
 
 import argparse
-import math
 
 from . import cli
 
@@ -124,10 +123,4 @@ def _check_args(args) -> None:
     cli.stop_on_problems("micontrolnet", problems)
 
 
-def lr_at(step: int, base_lr: float, warmup: int) -> float:
-    if warmup <= 0:
-        return base_lr
-    return base_lr * min(1.0, (step + 1) / warmup)
-
-
-__all__ = ["HELP", "add_arguments", "run", "lr_at", "math"]
+__all__ = ["HELP", "add_arguments", "run"]

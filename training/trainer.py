@@ -190,7 +190,6 @@ class MIControlNetTrainer:
 
     def train(self) -> int:
         from . import objectives
-        from .micontrolnet import lr_at
 
         try:
             self._setup()
@@ -200,7 +199,6 @@ class MIControlNetTrainer:
             sums = {"total": 0.0, "task": 0.0, "qc": 0.0}
             timer = engine.StepTimer()
             t_start = time.perf_counter()
-            params = list(self.cnet_module.parameters())
             with objectives.training_attention():
                 for items in loader:
                     use_qc = a.stage == 2 and step % a.qc_every == 0
@@ -221,15 +219,7 @@ class MIControlNetTrainer:
                     if not last_micro:
                         continue
                     micro = 0
-                    lr = lr_at(step, a.learning_rate, a.lr_warmup_steps)
-                    for group in self.optimizer.param_groups:
-                        group["lr"] = lr
-                    self.scaler.unscale_(self.optimizer)
-                    if a.max_grad_norm > 0:
-                        torch.nn.utils.clip_grad_norm_(params, a.max_grad_norm)
-                    self.scaler.step(self.optimizer)
-                    self.scaler.update()
-                    self.optimizer.zero_grad(set_to_none=True)
+                    lr = self.optimizer_step(step)
                     step += 1
                     means = {k: dist.all_reduce_mean(v) for k, v in sums.items()}
                     sums = {k: 0.0 for k in sums}
@@ -341,6 +331,22 @@ class MIControlNetTrainer:
         gathered = [None] * self.dist.world
         torch.distributed.all_gather_object(gathered, mine)
         return {str(r): g for r, g in enumerate(gathered)}
+
+    def optimizer_step(self, step: int) -> float:
+        """Step ``step``'s learning rate (times each group's ``lr_scale``), loss
+        unscaling, gradient clipping, the AdamW update; returns the rate."""
+        a = self.args
+        lr = engine.warmup_lr(step, a.learning_rate, a.lr_warmup_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        self.scaler.unscale_(self.optimizer)
+        if a.max_grad_norm > 0:
+            params = [p for group in self.optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, a.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return lr
 
     def checkpoint_and_validate(self, step: int) -> None:
         """After optimizer step ``step``: a checkpoint and a validation image when due (always at the end)."""
