@@ -109,8 +109,14 @@ def add_inj(
 
     The result has ``f_e``'s dtype and device.
     """
+    return add_inj_with_lambda(f_e, f_c, max_lambda, granularity)[0]
+
+
+def add_inj_with_lambda(f_e: torch.Tensor, f_c: torch.Tensor, max_lambda: float = 20.0,
+                        granularity: str = "layer") -> tuple[torch.Tensor, torch.Tensor]:
+    """``add_inj``'s result and the fp32 λ it used (for the balance record)."""
     lam = injection_lambda(mgda_coefficient(f_e, f_c, granularity), max_lambda)
-    return torch.addcmul(f_e, lam.to(f_e.dtype), f_c.to(f_e.dtype))
+    return torch.addcmul(f_e, lam.to(f_e.dtype), f_c.to(f_e.dtype)), lam
 
 
 def combination_weights(features: Sequence[torch.Tensor], granularity: str = "layer") -> list[torch.Tensor]:
@@ -195,7 +201,11 @@ def add_com(features: Sequence[torch.Tensor], granularity: str = "layer") -> tor
     """
     if len(features) == 1:
         return features[0]
-    weights = combination_weights(features, granularity)
+    return weighted_sum(features, combination_weights(features, granularity))
+
+
+def weighted_sum(features: Sequence[torch.Tensor], weights: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Σ w_i·f_i in the first feature's dtype: ``add_com`` with its weights given."""
     dtype = features[0].dtype
     out = None
     for w, f in zip(weights, features):

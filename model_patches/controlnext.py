@@ -29,6 +29,7 @@ so a graph without these nodes runs exactly as before.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import re
 from pathlib import Path
@@ -424,7 +425,9 @@ class ControlNeXtControl:
         self.zero_uncond = variant.zero_uncond if uncond == "variant default" else uncond == "zero"
         self.label = label
         self._hint_cache: tuple | None = None
+        self._mask_cache: tuple | None = None
 
+    @functools.cached_property
     def effective_scale(self) -> float:
         """strength × the variant's trained output scale."""
         s = self.strength * self.variant.fixed_scale
@@ -448,6 +451,14 @@ class ControlNeXtControl:
                 h = comfy.utils.common_upscale(h, width, height, "bilinear", "center")
             self._hint_cache = (key, h.to(device))
         return self._hint_cache[1]
+
+    def mask_at(self, height: int, width: int, device) -> torch.Tensor:
+        """The mask as (B, 1, height, width) on ``device``, resized like the hint."""
+        key = (height, width, str(device))
+        if self._mask_cache is None or self._mask_cache[0] != key:
+            m = self.mask.to(device).unsqueeze(1)
+            self._mask_cache = (key, comfy.utils.common_upscale(m, width, height, "bilinear", "center"))
+        return self._mask_cache[1]
 
     def __deepcopy__(self, memo):
         return self  # immutable after construction; model_options are deep-copied on every clone
@@ -513,11 +524,11 @@ class ControlNeXtCall:
             sigma = sigma.expand(n)
         timesteps = model_sampling.timestep(sigma).to(torch.float32)
         pixel_h, pixel_w = x.shape[-2] * 8, x.shape[-1] * 8
+        s = sigma.to(torch.float32)
         for control in stack.controls:
             hi, lo = control.sigma_range(model_sampling)
-            s = sigma.to(torch.float32)
             active = (s <= hi) & (s >= lo)
-            scale = torch.full((n,), control.effective_scale(), dtype=torch.float32, device=x.device)
+            scale = torch.full((n,), control.effective_scale, dtype=torch.float32, device=x.device)
             scale = scale * active.to(scale)
             if control.zero_uncond:
                 scale = scale * (labels != 1).to(scale)
@@ -549,7 +560,8 @@ class ControlNeXtCall:
             r = cross_normalize(h, c, p.control.variant.eps, p.control.variant.normalize_before_pool)
             r = r * p.row_scale.view(-1, *([1] * (r.ndim - 1)))
             if p.control.mask is not None:
-                r = r * _mask_rows(p.control.mask, p.row_hint, r.shape[-2:], r.device)
+                m = p.control.mask_at(r.shape[-2], r.shape[-1], r.device)
+                r = r * m[p.row_hint % m.shape[0]]
             residuals.append(r)
         if len(residuals) == 1:
             combined = residuals[0]
@@ -592,12 +604,6 @@ def call_transformer_options(call: ControlNeXtCall, transformer_options: dict | 
     options[CALL_KEY] = call
     options.setdefault("cond_or_uncond", [0])
     return options
-
-
-def _mask_rows(mask: torch.Tensor, row_hint: torch.Tensor, size, device) -> torch.Tensor:
-    m = mask.to(device).unsqueeze(1)
-    m = comfy.utils.common_upscale(m, size[1], size[0], "bilinear", "center")
-    return m[row_hint % m.shape[0]]
 
 
 def injection_block_ids(unet) -> dict:

@@ -41,7 +41,7 @@ import comfy.controlnet
 import comfy.patcher_extension
 import comfy.utils
 
-from .balance import GRANULARITIES, add_com, add_inj, combination_weights, injection_lambda, mgda_coefficient
+from .balance import GRANULARITIES, add_inj_with_lambda, combination_weights, weighted_sum
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +201,6 @@ class BalancedInjection:
         self.entries: list[_ControlEntry] = []
         self.cond_or_uncond = list(transformer_options.get("cond_or_uncond", [0]))
         self._finite_checks: list[tuple[str, str, torch.Tensor]] = []
-        self._output_block = -1
         self.record: BalanceRecord | None = None
         if settings.record_balance and _is_last_step(transformer_options):
             sigma = transformer_options.get("sigmas")
@@ -243,8 +242,7 @@ class BalancedInjection:
 
     def output_block_patch(self, h, hsp, transformer_options):
         block = transformer_options.get("block", ("output", -1))
-        self._output_block += 1
-        if self._output_block == 0:
+        if block[1] == 0:
             # At the first output block h is the middle-block output (after
             # core's own middle control): the place of the paper's middle injection.
             h = self._inject(h, "middle", "middle")
@@ -291,27 +289,26 @@ class BalancedInjection:
                 combined = combined + r
             weights = None
         else:
-            weights = combination_weights(residuals, s.granularity) if self.record is not None else None
-            combined = add_com(residuals, s.granularity)
+            # The weights are computed once, for the combination and the record alike.
+            many = len(residuals) > 1
+            weights = combination_weights(residuals, s.granularity) if many or self.record is not None else None
+            combined = weighted_sum(residuals, weights) if many else residuals[0]
         if s.mode == "micontrolnet":
-            out = add_inj(feature, combined, s.max_lambda, s.granularity)
+            out, lam = add_inj_with_lambda(feature, combined, s.max_lambda, s.granularity)
         else:
-            out = feature + combined
+            out, lam = feature + combined, None
 
         if self.record is not None:
-            self._record_layer(layer, [lab for lab, _ in items], residuals, weights, feature, combined)
+            self._record_layer(layer, [lab for lab, _ in items], residuals, weights, feature, combined, lam)
         return out
 
-    def _record_layer(self, layer, labels, residuals, weights, feature, combined):
-        s = self.settings
+    def _record_layer(self, layer, labels, residuals, weights, feature, combined, lam):
         n = len(residuals)
+        ones = torch.ones(_batch_ones(feature), dtype=torch.float32, device=feature.device)
         if weights is None:
-            ones = torch.ones(_batch_ones(feature), dtype=torch.float32, device=feature.device)
             weights = [ones] * n
-        if s.mode == "micontrolnet":
-            lam = injection_lambda(mgda_coefficient(feature, combined, s.granularity), s.max_lambda)
-        else:
-            lam = torch.ones(_batch_ones(feature), dtype=torch.float32, device=feature.device)
+        if lam is None:
+            lam = ones
         mags = [(w * r.float()).norm(dim=1) for w, r in zip(weights, residuals)]
         self.record.layers.append({
             "layer": layer,
@@ -361,11 +358,15 @@ def _is_last_step(transformer_options: dict) -> bool:
     current = transformer_options.get("sigmas")
     if not isinstance(sigmas, torch.Tensor) or not isinstance(current, torch.Tensor) or sigmas.numel() < 2:
         return True
-    nonzero = sigmas[sigmas > 0]
-    if nonzero.numel() == 0:
+    sigmas = sigmas.flatten()
+    positive = sigmas > 0
+    last_index = (torch.arange(sigmas.numel(), device=sigmas.device) * positive).argmax()
+    # One device read for all three numbers: this runs before every model call.
+    any_positive, last, now = torch.stack([positive.any().to(torch.float64), sigmas[last_index].to(torch.float64),
+                                           current.flatten()[0].to(sigmas.device, torch.float64)]).tolist()
+    if not any_positive:
         return True
-    last = float(nonzero[-1])
-    return abs(float(current.flatten()[0]) - last) <= 1e-4 * max(abs(last), 1e-8)
+    return abs(now - last) <= 1e-4 * max(abs(last), 1e-8)
 
 
 # --------------------------------------------------------------------------
