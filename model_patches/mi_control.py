@@ -380,7 +380,20 @@ class WrappedControl(comfy.controlnet.ControlBase):
     and cleanup to the chain's, so ComfyUI's sampler loads and frees it like
     any core control."""
 
-    inner: comfy.controlnet.ControlBase
+    def __init__(self, inner: comfy.controlnet.ControlBase, label: str):
+        super().__init__()
+        self.inner = inner
+        self.label = label
+        self.strength = inner.strength
+        self.timestep_percent_range = inner.timestep_percent_range
+
+    def run_chain(self, x_noisy, t, cond, batched_number, transformer_options):
+        """(this control's own output, the previous controls' combined output)."""
+        control_prev = None
+        if self.previous_controlnet is not None:
+            control_prev = self.previous_controlnet.get_control(x_noisy, t, cond, batched_number, transformer_options)
+        own = self.inner.get_control(x_noisy, t, cond, batched_number, transformer_options)
+        return own, control_prev
 
     def pre_run(self, model, percent_to_timestep_function):
         super().pre_run(model, percent_to_timestep_function)
@@ -411,14 +424,10 @@ class MinimalImpactControl(WrappedControl):
     """
 
     def __init__(self, inner: comfy.controlnet.ControlBase, mask: torch.Tensor | None = None, label: str = "MIControlNet"):
-        super().__init__()
-        self.inner = inner
+        super().__init__(inner, label)
         self.mask = mask
-        self.label = label
         self.last_balance_record: BalanceRecord | None = None
         self._mask_cache: dict[tuple, torch.Tensor] = {}
-        self.strength = inner.strength
-        self.timestep_percent_range = inner.timestep_percent_range
 
     @classmethod
     def create(cls, control_net, hint, strength, percent_range, vae=None, mask=None, label="MIControlNet"):
@@ -429,10 +438,7 @@ class MinimalImpactControl(WrappedControl):
 
     # -- ControlBase protocol --------------------------------------------------------
     def get_control(self, x_noisy, t, cond, batched_number, transformer_options):
-        control_prev = None
-        if self.previous_controlnet is not None:
-            control_prev = self.previous_controlnet.get_control(x_noisy, t, cond, batched_number, transformer_options)
-        own = self.inner.get_control(x_noisy, t, cond, batched_number, transformer_options)
+        own, control_prev = self.run_chain(x_noisy, t, cond, batched_number, transformer_options)
         if own is not None:
             if self.mask is not None:
                 own = {k: [self._apply_mask(r, batched_number) if r is not None else None for r in v]

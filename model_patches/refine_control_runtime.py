@@ -192,17 +192,13 @@ class RefineControl(WrappedControl):
 
     def __init__(self, inner: comfy.controlnet.ControlNet, wiring: str, balanced: bool = False,
                  granularity: str = "layer", max_lambda: float = 20.0, label: str = "RefineControl"):
-        super().__init__()
         if granularity not in INJECTION_GRANULARITIES:
             raise ValueError(f"granularity must be one of {INJECTION_GRANULARITIES}, got {granularity!r}")
-        self.inner = inner
+        super().__init__(inner, label)
         self.wiring = wiring
         self.balanced = balanced
         self.granularity = granularity
         self.max_lambda = max_lambda
-        self.label = label
-        self.strength = inner.strength
-        self.timestep_percent_range = inner.timestep_percent_range
 
     @classmethod
     def create(cls, control_net, image, keep, strength, percent_range, vae, convention_name: str,
@@ -224,10 +220,7 @@ class RefineControl(WrappedControl):
 
     # -- ControlBase protocol ------------------------------------------------------
     def get_control(self, x_noisy, t, cond, batched_number, transformer_options):
-        control_prev = None
-        if self.previous_controlnet is not None:
-            control_prev = self.previous_controlnet.get_control(x_noisy, t, cond, batched_number, transformer_options)
-        own = self.inner.get_control(x_noisy, t, cond, batched_number, transformer_options)
+        own, control_prev = self.run_chain(x_noisy, t, cond, batched_number, transformer_options)
         if own is None:
             return control_prev
         if self.balanced:

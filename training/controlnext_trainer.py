@@ -8,6 +8,7 @@ a ControlNeXt module plus the regex-selected UNet parameters, injected by
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -20,7 +21,7 @@ import torch
 from . import engine
 from .controlnext import DEFAULT_UNET_PATTERN, DEFAULT_UNET_WEIGHTS, NO_UNET, VARIANT_OF_FAMILY
 from .runtime import controlnext as cnx_patches
-from .trainer import SAVE_DTYPES, MIControlNetTrainer, _null
+from .trainer import SAVE_DTYPES, MIControlNetTrainer
 
 log = logging.getLogger("training")
 
@@ -162,12 +163,11 @@ class ControlNeXtTrainer(MIControlNetTrainer):
 
         module = new_module(a.seed)
         if a.init_module:
-            sd = cx.load_state_dict_file(a.init_module)
-            layout = cx.ControlNeXtWeights(sd, Path(a.init_module).name).layout
-            if layout != "320":
+            init = cx.ControlNeXtWeights(cx.load_state_dict_file(a.init_module), Path(a.init_module).name)
+            if init.layout != "320":
                 raise SystemExit(f"training controlnext: --init-module {a.init_module}: expected the 52-tensor "
-                                 f"module ({cx.LAYOUT_DESCRIPTIONS['320']}), found the {layout!r} layout.")
-            module.load_state_dict({k: v.float() for k, v in cx._strip_common_prefix(sd).items()})
+                                 f"module ({cx.LAYOUT_DESCRIPTIONS['320']}), found the {init.layout!r} layout.")
+            module.load_state_dict(init.control_sd)  # prefix stripped, fp32
         # The variant the loader will resolve for this module on this base (checks the injection width).
         self.variant = cx.resolve_variant(cx.ControlNeXtWeights(module.state_dict(), "control module"),
                                           self.base.patcher)
@@ -252,7 +252,7 @@ class ControlNeXtTrainer(MIControlNetTrainer):
                 for items in loader:
                     batch = self._batch(items, probes=False)
                     last_micro = micro == a.gradient_accumulation - 1
-                    ctx = self.cnet.no_sync() if dist.enabled and not last_micro else _null()
+                    ctx = self.cnet.no_sync() if dist.enabled and not last_micro else contextlib.nullcontext()
                     with ctx:
                         with autocast:
                             rows = per_row_loss(self.cnet, self.base.model, batch)

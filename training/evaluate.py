@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+
+from . import cli
 
 HELP = "measure silent-region texture (TV), canny cycle consistency and Jacobian asymmetry (Asym)"
 
@@ -128,7 +129,7 @@ def bar_chart(values: dict[str, float], path: Path) -> None:
 
 
 def run(args) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cli.configure_logging()
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     metrics: dict = {}

@@ -266,9 +266,9 @@ def unwrap(module: torch.nn.Module) -> torch.nn.Module:
 # --------------------------------------------------------------------------
 
 def _has_tangent(args) -> bool:
-    import torch.autograd.forward_ad as fwAD
+    from .objectives import _has_tangent as carries_tangent
 
-    return any(isinstance(a, torch.Tensor) and fwAD.unpack_dual(a).tangent is not None for a in args)
+    return any(carries_tangent(a) for a in args)
 
 
 def enable_gradient_checkpointing(module: torch.nn.Module) -> int:

@@ -417,8 +417,7 @@ class RefineControlTrainer:
             image, mask = load_pair(rec, args.resolution)
             images.append(image)
             masks.append(mask)
-            prompt = rec.prompt if stage == 1 else (rec.prompt or "")
-            c, p = self.text(prompt)
+            c, p = self.text(rec.prompt)
             cc, _ = self.text(rec.local_prompt) if rec.local_prompt else (c, p)
             ctx.append(c)
             pooled.append(p)
@@ -633,7 +632,7 @@ def run_eval(args) -> int:
         for name, (control, wiring) in nets.items():
             out = RefineControlInpaintApply.execute(pos, neg, control, vae, image, mask, 1.0, 0.0, 1.0,
                                                     args.convention, wiring, "add", 20.0, local_prompt=local)
-            p_c, n_c = out.args if hasattr(out, "args") else out.result
+            p_c, n_c = out.args
             noise = comfy.sample.prepare_noise(latent, args.seed + i)
             noise_mask = mask[:, None]
             samples = comfy.sample.sample(patcher, noise, args.steps, args.cfg, "euler", "normal", p_c, n_c, latent,

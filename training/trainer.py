@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -205,7 +205,7 @@ class MIControlNetTrainer:
                     batch = self._batch(items, probes=use_qc)
                     last_micro = micro == a.gradient_accumulation - 1
                     sync = last_micro or not dist.enabled
-                    ctx = self.cnet.no_sync() if not sync else _null()
+                    ctx = self.cnet.no_sync() if not sync else contextlib.nullcontext()
                     with ctx:
                         terms = objectives.loss_terms(self.base.model, self.cnet, batch,
                                                       a.qc_weight if use_qc else 0.0, a.granularity,
@@ -374,17 +374,3 @@ class MIControlNetTrainer:
         from .validation import sample_micontrolnet
 
         return sample_micontrolnet(self, step)
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def main_entry(argv=None):  # pragma: no cover - convenience
-    from .__main__ import main
-
-    sys.exit(main(argv))
