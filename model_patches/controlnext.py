@@ -51,6 +51,7 @@ from .controlnext_arch import (
     ModuleConfig,
     cross_normalize,
 )
+from .inputs import check_image, check_percent_range
 
 log = logging.getLogger(__name__)
 
@@ -674,16 +675,12 @@ def apply_controlnext(model, weights: ControlNeXtWeights, image: torch.Tensor, s
         raise ValueError(f"{label}: combine must be one of {COMBINE_MODES}, got {combine!r}")
     if not isinstance(weights, ControlNeXtWeights):
         raise ValueError(f"{label}: controlnext must come from ControlNeXtLoader, got {type(weights).__name__}.")
-    if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[-1] not in (1, 3, 4):
-        shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
-        raise ValueError(f"{label}: expected an IMAGE batch shaped (B, H, W, 3), got {shape}.")
+    check_image(image, label)
     if image.shape[-1] == 1:
         image = image.expand(*image.shape[:-1], 3)
     if mask is not None and (not isinstance(mask, torch.Tensor) or mask.ndim not in (2, 3)):
         raise ValueError(f"{label}: expected a MASK shaped (B, H, W) or (H, W).")
-    if start_percent > end_percent:
-        raise ValueError(f"{label}: start_percent ({start_percent}) is after end_percent ({end_percent}); "
-                         f"the control would never run. Swap them.")
+    check_percent_range(start_percent, end_percent, label)
     variant = resolve_variant(weights, model)
     m = model.clone()
     if weights.unet_sd is not None:

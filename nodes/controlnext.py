@@ -19,6 +19,7 @@ from ..model_patches.controlnext import (
     ControlNeXtWeights,
     apply_controlnext,
 )
+from .common import node_label
 
 CATEGORY = "conditioning/controlnext"
 EXTENSIONS = {".safetensors", ".bin", ".pth", ".pt"}
@@ -113,10 +114,8 @@ class ControlNeXtApply(io.ComfyNode):
     @classmethod
     def execute(cls, model, controlnext, image, strength, start_percent, end_percent, combine="add_com",
                 uncond="variant default", mask=None) -> io.NodeOutput:
-        uid = cls.hidden.unique_id if cls.hidden else None
-        label = f"ControlNeXtApply #{uid}" if uid else "ControlNeXtApply"
         return io.NodeOutput(apply_controlnext(model, controlnext, image, strength, start_percent, end_percent,
-                                               mask=mask, combine=combine, uncond=uncond, label=label))
+                                               mask=mask, combine=combine, uncond=uncond, label=node_label(cls)))
 
 
 NODES = [ControlNeXtLoader, ControlNeXtApply]

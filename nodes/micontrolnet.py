@@ -12,6 +12,7 @@ from comfy_api.latest import io
 
 from ..model_patches.balance import GRANULARITIES
 from ..model_patches.balance_map import render_balance_map
+from ..model_patches.inputs import check_image, check_percent_range
 from ..model_patches.mi_control import (
     MODE_DESCRIPTIONS,
     MODES,
@@ -20,15 +21,9 @@ from ..model_patches.mi_control import (
     find_balance_record,
     settings_dict,
 )
+from .common import attach_controls, node_label
 
 CATEGORY = "conditioning/controlnet/balanced"
-
-
-def _check_image(image: torch.Tensor, what: str) -> None:
-    if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[-1] not in (1, 3, 4):
-        shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
-        raise ValueError(f"{what}: expected an IMAGE batch shaped (B, H, W, 3), got {shape}. "
-                         f"Connect an image output (e.g. Load Image or a preprocessor).")
 
 
 def _normalise_mask(mask: torch.Tensor | None, what: str) -> torch.Tensor | None:
@@ -76,37 +71,19 @@ class MIControlNetApply(io.ComfyNode):
     @classmethod
     def execute(cls, positive, negative, control_net, image, strength, start_percent, end_percent,
                 vae=None, mask=None) -> io.NodeOutput:
-        label = f"MIControlNetApply #{cls.hidden.unique_id}" if cls.hidden and cls.hidden.unique_id else "MIControlNetApply"
+        label = node_label(cls)
         if not isinstance(control_net, comfy.controlnet.ControlBase):
             raise ValueError(f"{label}: control_net must be a CONTROL_NET from a ControlNet loader, "
                              f"got {type(control_net).__name__}.")
-        _check_image(image, label)
+        check_image(image, label)
         mask = _normalise_mask(mask, label)
-        if start_percent > end_percent:
-            raise ValueError(f"{label}: start_percent ({start_percent}) is after end_percent ({end_percent}); "
-                             f"the control would never run. Swap them.")
+        check_percent_range(start_percent, end_percent, label)
         if strength == 0:
             return io.NodeOutput(positive, negative)
 
         hint = image[..., :3].movedim(-1, 1)
-        created = {}
-        out = []
-        for conditioning in (positive, negative):
-            new = []
-            for cond, extra in conditioning:
-                extra = extra.copy()
-                prev = extra.get("control", None)
-                # Like core: entries that shared a previous control share the new one.
-                if prev not in created:
-                    c = MinimalImpactControl.create(control_net, hint, strength, (start_percent, end_percent),
-                                                    vae=vae, mask=mask, label=label)
-                    c.set_previous_controlnet(prev)
-                    created[prev] = c
-                extra["control"] = created[prev]
-                extra["control_apply_to_uncond"] = False
-                new.append([cond, extra])
-            out.append(new)
-        return io.NodeOutput(out[0], out[1])
+        return io.NodeOutput(*attach_controls(positive, negative, lambda: MinimalImpactControl.create(
+            control_net, hint, strength, (start_percent, end_percent), vae=vae, mask=mask, label=label)))
 
 
 class MIControlNetSettings(io.ComfyNode):

@@ -12,6 +12,7 @@ import torch
 import comfy.controlnet
 from comfy_api.latest import io
 
+from ..model_patches.inputs import check_image, check_percent_range
 from ..model_patches.refine_control import (
     BLOCK_MAP_DESCRIPTIONS,
     BLOCK_MAPS,
@@ -22,6 +23,7 @@ from ..model_patches.refine_control import (
     normalise_mask,
 )
 from ..model_patches.refine_control_runtime import RefineControl, sd3_control_model
+from .common import attach_controls, node_label
 
 CATEGORY = "conditioning/controlnet/balanced"
 
@@ -88,8 +90,7 @@ class RefineControlInpaintApply(io.ComfyNode):
     def execute(cls, positive, negative, control_net, vae, image, mask, strength, start_percent, end_percent,
                 convention="diffusers", wiring="diffusers_0.29", injection="add", max_lambda=20.0,
                 local_prompt=None) -> io.NodeOutput:
-        label = f"RefineControlInpaintApply #{cls.hidden.unique_id}" \
-            if cls.hidden and cls.hidden.unique_id else "RefineControlInpaintApply"
+        label = node_label(cls)
         if not isinstance(control_net, comfy.controlnet.ControlBase):
             raise ValueError(f"{label}: control_net must be a CONTROL_NET from Load ControlNet Model, "
                              f"got {type(control_net).__name__}.")
@@ -101,12 +102,8 @@ class RefineControlInpaintApply(io.ComfyNode):
                              f"or core's Apply ControlNet for other SD3 ControlNets.")
         if vae is None:
             raise ValueError(f"{label}: a VAE is required (it encodes the masked image); connect the SD3 VAE.")
-        if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[-1] < 3:
-            shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
-            raise ValueError(f"{label}: expected an IMAGE shaped (B, H, W, 3), got {shape}.")
-        if start_percent > end_percent:
-            raise ValueError(f"{label}: start_percent ({start_percent}) is after end_percent ({end_percent}); "
-                             f"the control would never run. Swap them.")
+        check_image(image, label, channels=(3, 4))
+        check_percent_range(start_percent, end_percent, label)
         if injection not in INJECTIONS:
             raise ValueError(f"{label}: injection must be one of {list(INJECTIONS)}, got {injection!r}.")
         conv = inpaint_convention(convention)
@@ -124,26 +121,16 @@ class RefineControlInpaintApply(io.ComfyNode):
 
         if strength == 0 and local is None:
             return io.NodeOutput(positive, negative)
-        created = {}
-        out = []
-        for index, conditioning in enumerate((positive, negative)):
-            new = []
-            for cond, extra in conditioning:
-                extra = extra.copy()
-                if strength > 0:
-                    prev = extra.get("control", None)
-                    if prev not in created:  # like core: entries that shared a control share the new one
-                        c = RefineControl.create(control_net, hint, keep, strength, (start_percent, end_percent),
-                                                 vae, conv.name, wiring, balanced, granularity, max_lambda, label)
-                        c.set_previous_controlnet(prev)
-                        created[prev] = c
-                    extra["control"] = created[prev]
-                    extra["control_apply_to_uncond"] = False
-                if local is not None and index == 0:
-                    extra["cross_attn_controlnet"] = local
-                new.append([cond, extra])
-            out.append(new)
-        return io.NodeOutput(out[0], out[1])
+        def make_control():
+            return RefineControl.create(control_net, hint, keep, strength, (start_percent, end_percent), vae,
+                                        conv.name, wiring, balanced, granularity, max_lambda, label)
+
+        def add_local_prompt(index, extra):
+            if local is not None and index == 0:
+                extra["cross_attn_controlnet"] = local
+
+        return io.NodeOutput(*attach_controls(positive, negative, make_control if strength > 0 else None,
+                                              add_local_prompt))
 
 
 NODES = [RefineControlInpaintApply]
