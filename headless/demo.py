@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from .runtime import REPO, comfyui_path
+from .runtime import REPO, cache_dir, comfyui_path
 
 WORKFLOW = REPO / "example_workflows" / "api" / "micontrolnet_two_controls.json"
 INPUTS = REPO / "example_workflows" / "inputs"
@@ -60,12 +60,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def _cache_dir() -> Path:
-    import os
-
-    return Path(os.environ.get("BC_CACHE", REPO / ".cache"))
-
-
 def resolve_weights(args) -> tuple[Path, list[Path], bool]:
     """(checkpoint, [canny_cn, pose_cn], random?)"""
     prompt = json.loads(WORKFLOW.read_text())
@@ -89,7 +83,7 @@ def resolve_weights(args) -> tuple[Path, list[Path], bool]:
     kind = "small SD1.5-family" if args.small_random_model else "full-architecture SD1.5"
     config = synthetic.SD15_UNET_SMALL if args.small_random_model else synthetic.SD15_UNET
     tag = "small" if args.small_random_model else "full"
-    folder = _cache_dir() / "demo-models"
+    folder = cache_dir() / "demo-models"
     ckpt = folder / f"random-sd15-{tag}.safetensors"
     cns = [folder / f"random-controlnet-{tag}-{i}.safetensors" for i in (1, 2)]
     print("=" * 78)
@@ -132,7 +126,7 @@ def main(argv=None) -> int:
     from .server import ComfyServer, copy_model, prepare_base_directory
 
     ckpt, cns, random_weights = resolve_weights(args)
-    base = prepare_base_directory(args.base_directory or _cache_dir() / "demo-base")
+    base = prepare_base_directory(args.base_directory or cache_dir() / "demo-base")
     ckpt_name = copy_model(ckpt, base / "models" / "checkpoints")
     cn_names = [copy_model(c, base / "models" / "controlnet") for c in cns]
     image_names = []

@@ -11,10 +11,15 @@ REPO = Path(__file__).resolve().parent.parent
 PACKAGE_NAME = "balanced_control"
 
 
+def cache_dir() -> Path:
+    """Where the setup scripts and the tests cache things: $BC_CACHE, else .cache/."""
+    return Path(os.environ.get("BC_CACHE", REPO / ".cache"))
+
+
 def comfyui_path() -> Path:
     """The ComfyUI tree: $COMFYUI_PATH, else the one scripts/bootstrap.sh caches."""
     env = os.environ.get("COMFYUI_PATH")
-    path = Path(env) if env else Path(os.environ.get("BC_CACHE", REPO / ".cache")) / "ComfyUI"
+    path = Path(env) if env else cache_dir() / "ComfyUI"
     if not (path / "main.py").is_file():
         raise RuntimeError(f"no ComfyUI tree at {path}; run scripts/bootstrap.sh or set COMFYUI_PATH")
     return path.resolve()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -19,7 +18,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from headless.runtime import import_extension  # noqa: E402
+from headless.runtime import cache_dir, import_extension  # noqa: E402
 
 # Import ComfyUI (with --cpu on machines without CUDA) and this extension as
 # the package "balanced_control" before any test module imports comfy.
@@ -27,7 +26,7 @@ import_extension()
 
 
 def model_cache_dir() -> Path:
-    d = Path(os.environ.get("BC_CACHE", REPO / ".cache")) / "test-models"
+    d = cache_dir() / "test-models"
     d.mkdir(parents=True, exist_ok=True)
     return d
 

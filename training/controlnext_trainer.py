@@ -21,7 +21,7 @@ import torch
 from . import engine
 from .controlnext import DEFAULT_UNET_PATTERN, DEFAULT_UNET_WEIGHTS, NO_UNET, VARIANT_OF_FAMILY
 from .runtime import controlnext as cnx_patches
-from .trainer import SAVE_DTYPES, MIControlNetTrainer
+from .trainer import MIControlNetTrainer
 
 log = logging.getLogger("training")
 
@@ -314,7 +314,7 @@ class ControlNeXtTrainer(MIControlNetTrainer):
     def export(self) -> list[Path]:
         """NAME.safetensors (the module) and NAME_unet[_delta].safetensors, written atomically."""
         a, net = self.args, self.cnet_module
-        dtype = SAVE_DTYPES[a.save_dtype]
+        dtype = engine.SAVE_DTYPES[a.save_dtype]
         meta = {"trained_with": "ComfyUI-BalancedControl training controlnext", "base_family": self.base.family,
                 "variant": self.variant.key, "strength": str(a.strength)}
         files = {f"{a.name}.safetensors": ({k: v.detach().to("cpu", dtype).contiguous()

@@ -30,6 +30,7 @@ data workers or restarts.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from dataclasses import dataclass, field
@@ -156,18 +157,19 @@ def load_rgb(path: Path, resolution: int) -> np.ndarray:
     """(res, res, 3) uint8: shorter side resized to ``resolution``, centre crop."""
     with Image.open(path) as im:
         im = im.convert("RGB")
-        return np.asarray(_resize_crop(im, resolution, Image.Resampling.BICUBIC))
+        return np.asarray(resize_crop(im, resolution, Image.Resampling.BICUBIC))
 
 
 def load_labels(path: Path, resolution: int) -> np.ndarray:
     """(res, res) int64 region labels from a segmentation map (one label per distinct value)."""
     with Image.open(path) as im:
-        arr = np.asarray(_resize_crop(im.convert("RGB"), resolution, Image.Resampling.NEAREST)).astype(np.int64)
+        arr = np.asarray(resize_crop(im.convert("RGB"), resolution, Image.Resampling.NEAREST)).astype(np.int64)
     packed = (arr[..., 0] << 16) | (arr[..., 1] << 8) | arr[..., 2]
     return np.unique(packed, return_inverse=True)[1].reshape(packed.shape)
 
 
-def _resize_crop(im: Image.Image, res: int, resample) -> Image.Image:
+def resize_crop(im: Image.Image, res: int, resample) -> Image.Image:
+    """Shorter side resized to ``res``, then the centre ``res`` × ``res`` square."""
     w, h = im.size
     scale = res / min(w, h)
     nw, nh = max(res, round(w * scale)), max(res, round(h * scale))
@@ -300,7 +302,9 @@ def collate(items: list[dict]) -> dict:
     return out
 
 
+@functools.lru_cache(maxsize=4)
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The sample order of one epoch (cached: every position of the epoch reads it; do not modify)."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
 
 
@@ -314,17 +318,13 @@ class PositionSampler(torch.utils.data.Sampler):
         self.n, self.seed = n, seed
         self.start_step, self.total_steps = start_step, total_steps
         self.micro_batch, self.accumulation, self.world, self.rank = micro_batch, accumulation, world, rank
-        self._orders: dict[int, torch.Tensor] = {}
 
     @property
     def global_batch(self) -> int:
         return self.micro_batch * self.world * self.accumulation
 
     def index(self, position: int) -> int:
-        epoch = position // self.n
-        if epoch not in self._orders:
-            self._orders = {epoch: epoch_order(self.n, self.seed, epoch)}
-        return int(self._orders[epoch][position % self.n])
+        return int(epoch_order(self.n, self.seed, position // self.n)[position % self.n])
 
     def __len__(self):
         return (self.total_steps - self.start_step) * self.accumulation

@@ -22,6 +22,7 @@ import torch
 log = logging.getLogger("training")
 
 PRECISIONS = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 # --------------------------------------------------------------------------

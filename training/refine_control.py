@@ -171,18 +171,11 @@ def load_pair(rec: InpaintRecord, resolution: int):
     import torch
     from PIL import Image
 
-    def fit(im, resample):
-        w, h = im.size
-        s = resolution / min(w, h)
-        im = im.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), resample)
-        w, h = im.size
-        left, top = (w - resolution) // 2, (h - resolution) // 2
-        return im.crop((left, top, left + resolution, top + resolution))
+    from .data import load_rgb, resize_crop
 
-    with Image.open(rec.image) as im:
-        image = np.asarray(fit(im.convert("RGB"), Image.BICUBIC), dtype=np.float32) / 255.0
+    image = load_rgb(rec.image, resolution).astype(np.float32) / 255.0
     with Image.open(rec.mask) as im:
-        mask = np.asarray(fit(im.convert("L"), Image.NEAREST), dtype=np.float32) / 255.0
+        mask = np.asarray(resize_crop(im.convert("L"), resolution, Image.Resampling.NEAREST), dtype=np.float32) / 255.0
     return torch.from_numpy(image.copy()), torch.from_numpy(mask.copy())
 
 
@@ -298,8 +291,6 @@ def save_student(student, path: Path, depth: int, dtype, metadata: dict) -> Path
 # training
 # --------------------------------------------------------------------------
 
-SAVE_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
-
 
 def _csv_log_class():
     from .engine import CsvLog
@@ -388,7 +379,7 @@ class RefineControlTrainer:
             self.train(start, total)
             if dist.main:
                 out = save_student(self.student_module, self.output / f"{args.name}.safetensors", self.depth,
-                                   getattr(torch, SAVE_DTYPES[args.save_dtype]),
+                                   engine.SAVE_DTYPES[args.save_dtype],
                                    {"format": "diffusers SD3ControlNetModel", "layers": args.layers,
                                     "convention": args.convention, "wiring": args.student_wiring,
                                     "trained_with": "ComfyUI-BalancedControl training refine-control"})

@@ -16,7 +16,6 @@ from .runtime import setup_comfy
 
 log = logging.getLogger("training")
 
-SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 STATE_VERSION = 1
 
 
@@ -255,7 +254,7 @@ class MIControlNetTrainer:
         meta = {"format": "ControlNet v1.1 (ldm)", "trained_with": "ComfyUI-BalancedControl training micontrolnet",
                 "stage": self.args.stage, "granularity": self.args.granularity, "base_family": self.base.family}
         return models.save_controlnet(self.cnet_module, self.output / f"{self.args.name}.safetensors",
-                                      SAVE_DTYPES[self.args.save_dtype], meta)
+                                      engine.SAVE_DTYPES[self.args.save_dtype], meta)
 
     def export_or_exit(self):
         """``export()``; a failed write ends the run with what to do about it."""
