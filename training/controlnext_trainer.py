@@ -8,12 +8,9 @@ a ControlNeXt module plus the regex-selected UNet parameters, injected by
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import math
 import re
-import time
 from pathlib import Path
 
 import torch
@@ -238,57 +235,16 @@ class ControlNeXtTrainer(MIControlNetTrainer):
                             saved[key], getattr(self.args, key))
 
     # ------------------------------------------------------------------ loop
-    def train(self) -> int:
-        from . import objectives
+    LOG_CLASS = ControlNeXtLog
 
-        try:
-            self._setup()
-            a, dist = self.args, self.dist
-            loader, csv_log, bar, autocast = self._loop_inputs(ControlNeXtLog)
-            step, micro, loss_sum = self.start_step, 0, 0.0
-            timer = engine.StepTimer()
-            t_start = time.perf_counter()
-            with objectives.training_attention():
-                for items in loader:
-                    batch = self._batch(items, probes=False)
-                    last_micro = micro == a.gradient_accumulation - 1
-                    ctx = self.cnet.no_sync() if dist.enabled and not last_micro else contextlib.nullcontext()
-                    with ctx:
-                        with autocast:
-                            rows = per_row_loss(self.cnet, self.base.model, batch)
-                        self.scaler.scale(rows.mean() / a.gradient_accumulation).backward()
-                    loss_sum += float(rows.detach().mean()) / a.gradient_accumulation
-                    micro += 1
-                    if not last_micro:
-                        continue
-                    micro = 0
-                    lr = self.optimizer_step(step)
-                    step += 1
-                    loss = dist.all_reduce_mean(loss_sum)
-                    loss_sum = 0.0
-                    if not math.isfinite(loss):
-                        raise FloatingPointError(f"step {step}: the loss is {loss}; lower the learning rate or "
-                                                 f"use --mixed-precision bf16 instead of fp16")
-                    dt = timer.lap()
-                    if dist.main:
-                        csv_log.write({"step": step, "loss": f"{loss:.8g}", "lr": f"{lr:.6g}",
-                                       "module_lr": f"{lr * a.module_lr_scale:.6g}",
-                                       "samples_per_s": f"{loader.batch_sampler.global_batch / dt:.4g}",
-                                       "elapsed_s": f"{time.perf_counter() - t_start:.2f}"})
-                        bar.set_postfix(loss=f"{loss:.4f}")
-                        bar.update(1)
-                    self.checkpoint_and_validate(step)
-            bar.close()
-            if csv_log:
-                csv_log.close()
-            if dist.main:
-                paths = self.export_or_exit()
-                skipped = self.skipped_at_scan + len(self.samples.bad)
-                log.info("wrote %s (%d samples skipped)", ", ".join(str(p) for p in paths), skipped)
-            dist.barrier()
-            return 0
-        finally:
-            engine.shutdown_distributed()
+    def micro_step_terms(self, items, step: int, autocast) -> dict:
+        batch = self._batch(items, probes=False)
+        with autocast:
+            return {"total": per_row_loss(self.cnet, self.base.model, batch)}
+
+    def log_fields(self, means: dict, lr: float) -> tuple[dict, dict]:
+        fields = {"loss": f"{means['total']:.8g}", "module_lr": f"{lr * self.args.module_lr_scale:.6g}"}
+        return fields, {"loss": f"{means['total']:.4f}"}
 
     def sample_validation(self, step: int) -> Path:
         """Sample with ComfyUI's sampler through the ControlNeXtApply code path,

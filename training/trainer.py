@@ -187,33 +187,29 @@ class MIControlNetTrainer:
         bar = engine.progress_bar(a.max_steps, self.start_step, dist.main and not a.no_progress)
         return loader, csv_log, bar, engine.autocast_context(dist.device, a.mixed_precision)
 
+    LOG_CLASS = engine.CsvLog
+
     def train(self) -> int:
+        """The loop both UNet trainers share; ``micro_step_terms`` and ``log_fields`` say what differs."""
         from . import objectives
 
         try:
             self._setup()
             a, dist = self.args, self.dist
-            loader, csv_log, bar, autocast = self._loop_inputs(engine.CsvLog)
-            step, micro = self.start_step, 0
-            sums = {"total": 0.0, "task": 0.0, "qc": 0.0}
+            loader, csv_log, bar, autocast = self._loop_inputs(self.LOG_CLASS)
+            step, micro, sums = self.start_step, 0, {}
             timer = engine.StepTimer()
             t_start = time.perf_counter()
             with objectives.training_attention():
                 for items in loader:
-                    use_qc = a.stage == 2 and step % a.qc_every == 0
-                    batch = self._batch(items, probes=use_qc)
                     last_micro = micro == a.gradient_accumulation - 1
-                    sync = last_micro or not dist.enabled
-                    ctx = self.cnet.no_sync() if not sync else contextlib.nullcontext()
+                    # DDP all-reduces gradients only on the last micro-step of an accumulation.
+                    ctx = self.cnet.no_sync() if dist.enabled and not last_micro else contextlib.nullcontext()
                     with ctx:
-                        terms = objectives.loss_terms(self.base.model, self.cnet, batch,
-                                                      a.qc_weight if use_qc else 0.0, a.granularity,
-                                                      a.max_lambda, autocast,
-                                                      "vanilla" if step < a.plain_add_warmup_steps else "micontrolnet")
-                        loss = terms["total"].mean() / a.gradient_accumulation
-                        self.scaler.scale(loss).backward()
-                    for k in sums:
-                        sums[k] += float(terms[k].detach().mean()) / a.gradient_accumulation
+                        terms = self.micro_step_terms(items, step, autocast)
+                        self.scaler.scale(terms["total"].mean() / a.gradient_accumulation).backward()
+                    for k, v in terms.items():
+                        sums[k] = sums.get(k, 0.0) + float(v.detach().mean()) / a.gradient_accumulation
                     micro += 1
                     if not last_micro:
                         continue
@@ -221,31 +217,50 @@ class MIControlNetTrainer:
                     lr = self.optimizer_step(step)
                     step += 1
                     means = {k: dist.all_reduce_mean(v) for k, v in sums.items()}
-                    sums = {k: 0.0 for k in sums}
+                    sums = {}
                     if not math.isfinite(means["total"]):
                         raise FloatingPointError(f"step {step}: the loss is {means['total']}; lower the learning "
                                                  f"rate or use --mixed-precision bf16 instead of fp16")
                     dt = timer.lap()
                     if dist.main:
-                        csv_log.write({"step": step, "loss": f"{means['total']:.8g}", "task_loss": f"{means['task']:.8g}",
-                                       "qc_loss": f"{means['qc']:.8g}", "lr": f"{lr:.6g}",
+                        fields, postfix = self.log_fields(means, lr)
+                        csv_log.write({"step": step, **fields, "lr": f"{lr:.6g}",
                                        "samples_per_s": f"{loader.batch_sampler.global_batch / dt:.4g}",
                                        "elapsed_s": f"{time.perf_counter() - t_start:.2f}"})
-                        bar.set_postfix(loss=f"{means['total']:.4f}", qc=f"{means['qc']:.3g}")
+                        bar.set_postfix(**postfix)
                         bar.update(1)
                     self.checkpoint_and_validate(step)
             bar.close()
             if csv_log:
                 csv_log.close()
-            skipped = self.skipped_at_scan + len(self.samples.bad)
             if dist.main:
-                path = self.export_or_exit()
-                log.info("wrote %s (%d samples skipped: %d at scan, %d at load)", path, skipped,
-                         self.skipped_at_scan, len(self.samples.bad))
+                written = self.export_or_exit()
+                written = written if isinstance(written, list) else [written]
+                log.info("wrote %s (%d samples skipped: %d at scan, %d at load)", ", ".join(map(str, written)),
+                         self.skipped_at_scan + len(self.samples.bad), self.skipped_at_scan, len(self.samples.bad))
             dist.barrier()
             return 0
         finally:
             engine.shutdown_distributed()
+
+    def micro_step_terms(self, items, step: int, autocast) -> dict:
+        """Per-row fp32 loss tensors of one micro-batch: ``total`` (trained) and
+        any others to log (``task``, ``qc``)."""
+        from . import objectives
+
+        a = self.args
+        use_qc = a.stage == 2 and step % a.qc_every == 0
+        batch = self._batch(items, probes=use_qc)
+        mode = "vanilla" if step < a.plain_add_warmup_steps else "micontrolnet"
+        terms = objectives.loss_terms(self.base.model, self.cnet, batch, a.qc_weight if use_qc else 0.0,
+                                      a.granularity, a.max_lambda, autocast, mode)
+        return {k: terms[k] for k in ("total", "task", "qc")}
+
+    def log_fields(self, means: dict, lr: float) -> tuple[dict, dict]:
+        """(CSV fields, progress-bar postfix) of one optimizer step."""
+        fields = {"loss": f"{means['total']:.8g}", "task_loss": f"{means['task']:.8g}",
+                  "qc_loss": f"{means['qc']:.8g}"}
+        return fields, {"loss": f"{means['total']:.4f}", "qc": f"{means['qc']:.3g}"}
 
     # ------------------------------------------------------------------ outputs
     def export(self) -> Path:
