@@ -1,11 +1,45 @@
 """Command-line pieces the UNet training subcommands (micontrolnet,
-controlnext) share: run control options, validation options, and the checks
-of their values. Light imports only, so ``--help`` answers at once."""
+controlnext) share: the options both have, added at the same place in each
+``--help``, and the checks of their values. Light imports only, so ``--help`` answers at once."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+
+
+def add_family_argument(group) -> None:
+    group.add_argument("--family", default="auto", choices=["auto", "sd1.5", "sdxl"],
+                       help="expected family of --base; the run stops at start if the checkpoint is another "
+                            "(default: auto)")
+
+
+def add_condition_arguments(group) -> None:
+    """How condition images are made, and the training resolution."""
+    group.add_argument("--condition", default="file", choices=["file", "canny"],
+                       help="condition images from the dataset, or canny edges computed on the fly (default: file)")
+    group.add_argument("--canny-low", type=int, default=100, help="canny lower threshold (default: 100)")
+    group.add_argument("--canny-high", type=int, default=200, help="canny upper threshold (default: 200)")
+    group.add_argument("--resolution", type=int, default=512,
+                       help="training resolution, divisible by 64 (default: 512)")
+
+
+def add_batch_arguments(group) -> None:
+    group.add_argument("--max-steps", type=int, default=1000, help="optimizer steps to train to (default: 1000)")
+    group.add_argument("--batch-size", type=int, default=1, help="samples per rank per micro-step (default: 1)")
+    group.add_argument("--gradient-accumulation", type=int, default=1,
+                       help="micro-steps per optimizer step (default: 1)")
+
+
+def add_regularisation_arguments(group) -> None:
+    group.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: 0)")
+    group.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm, 0 = off (default: 1)")
+
+
+def add_device_arguments(group) -> None:
+    group.add_argument("--deterministic", action="store_true", help="use deterministic kernels (slower on GPU)")
+    group.add_argument("--device", default="auto",
+                       help="auto, cpu, cuda (default: auto; ranks use their LOCAL_RANK GPU)")
 
 
 def add_run_arguments(group) -> None:

@@ -55,8 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--base", required=True, help="single-file SD1.5 or SDXL checkpoint (.safetensors); its text "
                    "encoder, VAE and the UNet outside --unet-pattern stay frozen")
-    g.add_argument("--family", default="auto", choices=["auto", "sd1.5", "sdxl"],
-                   help="expected family of --base; the run stops at start if the checkpoint is another (default: auto)")
+    cli.add_family_argument(g)
     g.add_argument("--init-module", default=None, metavar="FILE",
                    help="start from this 52-tensor ControlNeXt module (.safetensors) instead of a fresh one")
     g.add_argument("--unet-pattern", default=None, metavar="REGEX",
@@ -73,11 +72,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("data")
     g.add_argument("--data", required=True, help="dataset folder (images/, conditions/) or JSONL file")
-    g.add_argument("--condition", default="file", choices=["file", "canny"],
-                   help="condition images from the dataset, or canny edges computed on the fly (default: file)")
-    g.add_argument("--canny-low", type=int, default=100, help="canny lower threshold (default: 100)")
-    g.add_argument("--canny-high", type=int, default=200, help="canny upper threshold (default: 200)")
-    g.add_argument("--resolution", type=int, default=512, help="training resolution, divisible by 64 (default: 512)")
+    cli.add_condition_arguments(g)
     g.add_argument("--empty-prompt-prob", type=float, default=0.0,
                    help="fraction of samples trained with an empty prompt (official SDXL runs: 0.2) (default: 0)")
     g.add_argument("--cache-latents", action="store_true",
@@ -85,24 +80,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-workers", type=int, default=0, help="data loading processes per rank (default: 0)")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--max-steps", type=int, default=1000, help="optimizer steps to train to (default: 1000)")
-    g.add_argument("--batch-size", type=int, default=1, help="samples per rank per micro-step (default: 1)")
-    g.add_argument("--gradient-accumulation", type=int, default=1, help="micro-steps per optimizer step (default: 1)")
+    cli.add_batch_arguments(g)
     g.add_argument("--learning-rate", type=float, default=1e-5,
                    help="AdamW learning rate of the UNet subset (default: 1e-5)")
     g.add_argument("--module-lr-scale", type=float, default=10.0,
                    help="the control module's learning rate is --learning-rate times this (default: 10)")
     g.add_argument("--lr-warmup-steps", type=int, default=0, help="linear warm-up steps, both rates (default: 0)")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: 0)")
-    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm, 0 = off (default: 1)")
+    cli.add_regularisation_arguments(g)
     g.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"],
                    help="compute precision; the frozen UNet is stored in it, the module and the trained UNet "
                         "subset stay fp32 (fp16 adds loss scaling) (default: no)")
     g.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute the UNet's block activations in backward to save memory")
     g.add_argument("--seed", type=int, default=0, help="seed of the whole run (init, data order, noise) (default: 0)")
-    g.add_argument("--deterministic", action="store_true", help="use deterministic kernels (slower on GPU)")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto; ranks use their LOCAL_RANK GPU)")
+    cli.add_device_arguments(g)
 
     g = p.add_argument_group("output")
     g.add_argument("--output", required=True,
