@@ -8,7 +8,6 @@ a ControlNeXt module plus the regex-selected UNet parameters, injected by
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from pathlib import Path
@@ -187,11 +186,8 @@ class ControlNeXtTrainer(MIControlNetTrainer):
             log.info("variant %s (inject at %s); UNet subset %r: %d tensors, %d parameters", self.variant.title,
                      self.variant.injection, pattern, len(selected), n_unet)
 
-        self.start_step = 0
-        resume_state = None
-        if a.resume:
-            ckpt = self.store.resolve(a.resume)
-            resume_state = json.loads((ckpt / "state.json").read_text())
+        ckpt, resume_state = self._read_resume()
+        if ckpt is not None:
             module.load_state_dict(engine.load_tensors(ckpt / MODULE_FILE))
             saved = engine.load_tensors(ckpt / UNET_SUBSET_FILE) if (ckpt / UNET_SUBSET_FILE).is_file() else {}
             if set(saved) != set(selected):
@@ -201,10 +197,6 @@ class ControlNeXtTrainer(MIControlNetTrainer):
             with torch.no_grad():
                 for k, p in selected.items():
                     p.copy_(saved[k])
-            self.start_step = int(resume_state["step"])
-            self._check_resume_compatible(resume_state)
-            if dist.main:
-                log.info("resuming from %s (step %d)", ckpt, self.start_step)
 
         device = dist.device
         unet.to(device=device)
@@ -214,17 +206,8 @@ class ControlNeXtTrainer(MIControlNetTrainer):
             if dist.main:
                 log.info("gradient checkpointing on %d blocks", n)
         net = ControlledUNet(self.base.model, self.variant, module, selected, a.strength)
-        self.cnet_module = net
-        if dist.enabled:
-            ddp_kwargs = {"device_ids": [device.index]} if device.type == "cuda" else {}
-            self.cnet = torch.nn.parallel.DistributedDataParallel(net, **ddp_kwargs)
-        else:
-            self.cnet = net
-        self.optimizer = torch.optim.AdamW(param_groups(module, selected, a.learning_rate, a.module_lr_scale),
-                                           lr=a.learning_rate, weight_decay=a.weight_decay)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=a.mixed_precision == "fp16")
-        if resume_state is not None:
-            self._restore_run_state(self.store.resolve(a.resume), resume_state)
+        self._wrap_and_optimize(net, param_groups(module, selected, a.learning_rate, a.module_lr_scale), ckpt,
+                                resume_state)
 
     def _check_resume_compatible(self, state: dict) -> None:
         super()._check_resume_compatible(state)

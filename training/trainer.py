@@ -71,16 +71,9 @@ class MIControlNetTrainer:
             a.plain_add_warmup_steps = 0 if a.init_controlnet else 500
         if dist.main and a.plain_add_warmup_steps:
             log.info("the first %d steps inject with a plain add, then add^inj", a.plain_add_warmup_steps)
-        self.start_step = 0
-        resume_state = None
-        if a.resume:
-            ckpt = self.store.resolve(a.resume)
-            resume_state = json.loads((ckpt / "state.json").read_text())
+        ckpt, resume_state = self._read_resume()
+        if ckpt is not None:
             cnet.load_state_dict(engine.load_tensors(ckpt / "controlnet.safetensors"))
-            self.start_step = int(resume_state["step"])
-            self._check_resume_compatible(resume_state)
-            if dist.main:
-                log.info("resuming from %s (step %d)", ckpt, self.start_step)
 
         device = dist.device
         self.base.unet.to(device=device)
@@ -89,16 +82,35 @@ class MIControlNetTrainer:
             n = models.enable_gradient_checkpointing(cnet) + models.enable_gradient_checkpointing(self.base.unet)
             if dist.main:
                 log.info("gradient checkpointing on %d blocks", n)
-        self.cnet_module = cnet
-        if dist.enabled:
+        self._wrap_and_optimize(cnet, cnet.parameters(), ckpt, resume_state)
+
+    def _read_resume(self) -> tuple[Path | None, dict | None]:
+        """(checkpoint folder, state.json) of --resume, or (None, None); sets ``start_step``."""
+        self.start_step = 0
+        if not self.args.resume:
+            return None, None
+        ckpt = self.store.resolve(self.args.resume)
+        state = json.loads((ckpt / "state.json").read_text())
+        self.start_step = int(state["step"])
+        self._check_resume_compatible(state)
+        if self.dist.main:
+            log.info("resuming from %s (step %d)", ckpt, self.start_step)
+        return ckpt, state
+
+    def _wrap_and_optimize(self, net: torch.nn.Module, params, ckpt: Path | None, resume_state: dict | None) -> None:
+        """DDP around ``net`` (on several ranks), AdamW over ``params`` (tensors or
+        groups), the loss scaler, and on resume their saved state."""
+        a, device = self.args, self.dist.device
+        self.cnet_module = net
+        if self.dist.enabled:
             ddp_kwargs = {"device_ids": [device.index]} if device.type == "cuda" else {}
-            self.cnet = torch.nn.parallel.DistributedDataParallel(cnet, **ddp_kwargs)
+            self.cnet = torch.nn.parallel.DistributedDataParallel(net, **ddp_kwargs)
         else:
-            self.cnet = cnet
-        self.optimizer = torch.optim.AdamW(cnet.parameters(), lr=a.learning_rate, weight_decay=a.weight_decay)
+            self.cnet = net
+        self.optimizer = torch.optim.AdamW(params, lr=a.learning_rate, weight_decay=a.weight_decay)
         self.scaler = torch.amp.GradScaler(device.type, enabled=a.mixed_precision == "fp16")
-        if resume_state is not None:
-            self._restore_run_state(self.store.resolve(a.resume), resume_state)
+        if ckpt is not None:
+            self._restore_run_state(ckpt, resume_state)
 
     def _restore_run_state(self, ckpt: Path, resume_state: dict) -> None:
         """Optimizer, loss scaler and this rank's RNG from a checkpoint folder."""
