@@ -25,10 +25,6 @@ MODULE_FILE = "controlnext.safetensors"
 UNET_SUBSET_FILE = "unet_subset.safetensors"
 
 
-class ControlNeXtLog(engine.CsvLog):
-    FIELDS = ["step", "loss", "lr", "module_lr", "samples_per_s", "elapsed_s"]
-
-
 def select_unet_parameters(unet: torch.nn.Module, pattern: str | None) -> dict:
     """ComfyUI parameter name (without ``diffusion_model.``) -> Parameter, for
     every UNet parameter whose name matches ``pattern`` (re.search)."""
@@ -218,7 +214,7 @@ class ControlNeXtTrainer(MIControlNetTrainer):
                             saved[key], getattr(self.args, key))
 
     # ------------------------------------------------------------------ loop
-    LOG_CLASS = ControlNeXtLog
+    LOG_FIELDS = ["step", "loss", "lr", "module_lr", "samples_per_s", "elapsed_s"]
 
     def micro_step_terms(self, items, step: int, autocast) -> dict:
         batch = self._batch(items, probes=False)

@@ -282,7 +282,8 @@ class CsvLog:
 
     FIELDS = ["step", "loss", "task_loss", "qc_loss", "lr", "samples_per_s", "elapsed_s"]
 
-    def __init__(self, path: Path, resume_step: int | None):
+    def __init__(self, path: Path, resume_step: int | None, fields: list[str] | None = None):
+        self.fields = list(fields or self.FIELDS)
         self.path = Path(path)
         rows = []
         if resume_step is not None and self.path.is_file():
@@ -290,14 +291,14 @@ class CsvLog:
                 rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._f = open(self.path, "w", newline="")
-        self._w = csv.DictWriter(self._f, fieldnames=self.FIELDS)
+        self._w = csv.DictWriter(self._f, fieldnames=self.fields)
         self._w.writeheader()
         for r in rows:
             self._w.writerow(r)
         self._f.flush()
 
     def write(self, row: dict) -> None:
-        self._w.writerow({k: row.get(k, "") for k in self.FIELDS})
+        self._w.writerow({k: row.get(k, "") for k in self.fields})
         self._f.flush()
 
     def close(self):

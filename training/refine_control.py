@@ -292,17 +292,7 @@ def save_student(student, path: Path, depth: int, dtype, metadata: dict) -> Path
 # --------------------------------------------------------------------------
 
 
-def _csv_log_class():
-    from .engine import CsvLog
-
-    class RefineCsvLog(CsvLog):
-        FIELDS = ["step", "stage", "loss", "task_loss", "kd_loss", "af_loss", "lr", "samples_per_s", "elapsed_s"]
-
-    return RefineCsvLog
-
-
-def RefineCsvLog(path, resume_step):  # noqa: N802 - a factory standing in for the class
-    return _csv_log_class()(path, resume_step)
+LOG_FIELDS = ["step", "stage", "loss", "task_loss", "kd_loss", "af_loss", "lr", "samples_per_s", "elapsed_s"]
 
 
 class TextCache:
@@ -471,7 +461,7 @@ class RefineControlTrainer:
         from . import engine
 
         args, dist = self.args, self.dist
-        csv = RefineCsvLog(self.output / "log.csv", start if args.resume else None) if dist.main else None
+        csv = engine.CsvLog(self.output / "log.csv", start if args.resume else None, LOG_FIELDS) if dist.main else None
         bar = engine.progress_bar(total, start, dist.main)
         timer, t0 = engine.StepTimer(), time.time()
         try:

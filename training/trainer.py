@@ -182,7 +182,7 @@ class MIControlNetTrainer:
                      probe=items["probe"].to(device) if probes and "probe" in items else None)
 
     # ------------------------------------------------------------------ loop
-    def _loop_inputs(self, log_class):
+    def _loop_inputs(self):
         """What every training loop starts from after _setup(): this rank's
         loader (resumed at the current position), the CSV log and args.json
         (main rank), the progress bar and the autocast context."""
@@ -193,13 +193,14 @@ class MIControlNetTrainer:
                                        a.batch_size, a.gradient_accumulation, dist.world, dist.rank)
         loader = torch.utils.data.DataLoader(self.samples, batch_sampler=sampler, collate_fn=data.collate,
                                              num_workers=a.num_workers)
-        csv_log = log_class(self.output / "log.csv", self.start_step if a.resume else None) if dist.main else None
+        csv_log = (engine.CsvLog(self.output / "log.csv", self.start_step if a.resume else None, self.LOG_FIELDS)
+                   if dist.main else None)
         if dist.main:
             (self.output / "args.json").write_text(json.dumps(vars(a), indent=1, default=str))
         bar = engine.progress_bar(a.max_steps, self.start_step, dist.main and not a.no_progress)
         return loader, csv_log, bar, engine.autocast_context(dist.device, a.mixed_precision)
 
-    LOG_CLASS = engine.CsvLog
+    LOG_FIELDS = engine.CsvLog.FIELDS
 
     def train(self) -> int:
         """The loop both UNet trainers share; ``micro_step_terms`` and ``log_fields`` say what differs."""
@@ -208,7 +209,7 @@ class MIControlNetTrainer:
         try:
             self._setup()
             a, dist = self.args, self.dist
-            loader, csv_log, bar, autocast = self._loop_inputs(self.LOG_CLASS)
+            loader, csv_log, bar, autocast = self._loop_inputs()
             step, micro, sums = self.start_step, 0, {}
             timer = engine.StepTimer()
             t_start = time.perf_counter()
