@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -40,7 +41,13 @@ def cached_model(name: str, build, *key) -> Path:
                             + inspect.getsource(synthetic).encode()).hexdigest()[:12]
     path = model_cache_dir() / f"{Path(name).stem}-{digest}{Path(name).suffix}"
     if not path.exists():
-        build(path)
+        # Build under a private name and rename: several test processes may share one cache.
+        partial = path.with_name(f"{path.stem}.partial-{os.getpid()}{path.suffix}")
+        try:
+            build(partial)
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
     return path
 
 
