@@ -13,6 +13,11 @@ extension points only:
    cond/uncond broadcasting, strength) is reused unchanged.
 2. Plain injection: the per-block list is summed with the previous controls'
    output and handed back to core, which adds entry i after base block i.
+   An optional local prompt is held by the control itself and substituted,
+   inside its own ``get_control``, for the text of the positive rows only
+   (``transformer_options["cond_or_uncond"]``); the conditioning dicts are
+   never changed, so other controls and the base model see the global text
+   and ComfyUI keeps cond and uncond in one batch.
 3. Balanced injection: the residuals go to this model call's
    ``BlockInjection`` (in the call's fresh ``transformer_options``), which
    registers, on that dict only, a ``patches_replace["dit"][("double_block", i)]``
@@ -26,6 +31,7 @@ these controls runs exactly as before, and nothing survives a model call.
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 
@@ -135,6 +141,38 @@ def merge_outputs(own: dict, prev: dict | None) -> dict:
     return out
 
 
+def context_with_local_prompt(context: torch.Tensor, local: torch.Tensor, cond_or_uncond: list) -> torch.Tensor:
+    """The text a ControlNet with a local prompt sees in one model call.
+
+    ``context`` (B, L, C) is the call's text (chunks of B/len(cond_or_uncond)
+    rows, chunk j labelled ``cond_or_uncond[j]``: 0 positive, 1 negative);
+    the rows of positive chunks are replaced by ``local`` (1 or B/chunks rows,
+    Lₗ tokens). Both are repeated along the tokens to lcm(L, Lₗ), which is how
+    ComfyUI stacks texts of different lengths (``comfy/conds.py``
+    ``CONDCrossAttn.concat``): repeating every token the same number of times
+    leaves attention unchanged. A call without positive rows gets ``context``
+    itself."""
+    if 0 not in cond_or_uncond:
+        return context
+    chunks = len(cond_or_uncond)
+    if context.shape[0] % chunks:
+        raise ValueError(f"local prompt: {context.shape[0]} text rows do not split into {chunks} cond/uncond chunks")
+    per = context.shape[0] // chunks
+    if local.shape[-1] != context.shape[-1]:
+        raise ValueError(f"local prompt: its embeddings are {local.shape[-1]} wide but the prompt's are "
+                         f"{context.shape[-1]}; encode the local prompt with the same CLIP as the prompt.")
+    if local.shape[0] not in (1, per):
+        raise ValueError(f"local prompt: {local.shape[0]} rows for a batch of {per}; give one local prompt "
+                         f"(or one per image).")
+    n = math.lcm(context.shape[1], local.shape[1])
+    ctx = context.repeat(1, n // context.shape[1], 1) if n != context.shape[1] else context
+    loc = local.to(device=context.device, dtype=context.dtype)
+    loc = loc.repeat(1, n // loc.shape[1], 1) if n != loc.shape[1] else loc
+    loc = loc.expand(per, -1, -1) if loc.shape[0] != per else loc
+    parts = [loc if label == 0 else ctx[j * per:(j + 1) * per] for j, label in enumerate(cond_or_uncond)]
+    return torch.cat(parts)
+
+
 class BlockInjection:
     """Per model call: the residuals of every balanced RefineControl, injected
     with add^inj after each base block."""
@@ -191,7 +229,8 @@ class RefineControl(WrappedControl):
     balanced (add^inj) injection per transformer block."""
 
     def __init__(self, inner: comfy.controlnet.ControlNet, wiring: str, balanced: bool = False,
-                 granularity: str = "layer", max_lambda: float = 20.0, label: str = "RefineControl"):
+                 granularity: str = "layer", max_lambda: float = 20.0, label: str = "RefineControl",
+                 local_context: torch.Tensor | None = None):
         if granularity not in INJECTION_GRANULARITIES:
             raise ValueError(f"granularity must be one of {INJECTION_GRANULARITIES}, got {granularity!r}")
         super().__init__(inner, label)
@@ -199,11 +238,14 @@ class RefineControl(WrappedControl):
         self.balanced = balanced
         self.granularity = granularity
         self.max_lambda = max_lambda
+        self.local_context = local_context
 
     @classmethod
     def create(cls, control_net, image, keep, strength, percent_range, vae, convention_name: str,
-               wiring: str, balanced=False, granularity="layer", max_lambda=20.0, label="RefineControl"):
-        """``image`` is the already masked IMAGE; ``keep`` (B, 1, H, W) the keep channel."""
+               wiring: str, balanced=False, granularity="layer", max_lambda=20.0, label="RefineControl",
+               local_context: torch.Tensor | None = None):
+        """``image`` is the already masked IMAGE; ``keep`` (B, 1, H, W) the keep channel;
+        ``local_context`` (1, L, C) the encoded local prompt for the positive rows, or None."""
         cn_model = sd3_control_model(control_net, label)
         block_map(wiring, len(cn_model.joint_blocks), len(cn_model.joint_blocks) + 1)  # validates the name
         conv = convention(convention_name)
@@ -216,9 +258,26 @@ class RefineControl(WrappedControl):
         inner.latent_format = latent_format
         extra = [keep] if inner.concat_mask else []
         inner.set_cond_hint(image, strength, percent_range, vae=vae, extra_concat=extra)
-        return cls(inner, wiring, balanced, granularity, max_lambda, label)
+        return cls(inner, wiring, balanced, granularity, max_lambda, label, local_context)
 
     # -- ControlBase protocol ------------------------------------------------------
+    def run_chain(self, x_noisy, t, cond, batched_number, transformer_options):
+        """(own output, previous controls' output). The previous controls get
+        ``cond`` as it is; only this control's inner ControlNet sees the local prompt."""
+        control_prev = None
+        if self.previous_controlnet is not None:
+            control_prev = self.previous_controlnet.get_control(x_noisy, t, cond, batched_number, transformer_options)
+        own_cond = cond
+        if self.local_context is not None:
+            labels = transformer_options.get("cond_or_uncond")
+            if labels is None:
+                raise ValueError(f"{self.label}: a local prompt needs transformer_options['cond_or_uncond'] "
+                                 f"(set by ComfyUI's sampler) to know which rows are positive.")
+            text = cond.get("crossattn_controlnet", cond["c_crossattn"])
+            own_cond = {**cond, "crossattn_controlnet": context_with_local_prompt(text, self.local_context, labels)}
+        own = self.inner.get_control(x_noisy, t, own_cond, batched_number, transformer_options)
+        return own, control_prev
+
     def get_control(self, x_noisy, t, cond, batched_number, transformer_options):
         own, control_prev = self.run_chain(x_noisy, t, cond, batched_number, transformer_options)
         if own is None:
@@ -247,7 +306,8 @@ class RefineControl(WrappedControl):
     def copy(self):
         inner = self.inner.copy()
         inner.control_model = self.inner.control_model  # core's copy keeps the reference; keep the wiring too
-        c = RefineControl(inner, self.wiring, self.balanced, self.granularity, self.max_lambda, self.label)
+        c = RefineControl(inner, self.wiring, self.balanced, self.granularity, self.max_lambda, self.label,
+                          self.local_context)
         self.copy_to(c)
         return c
 

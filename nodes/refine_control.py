@@ -35,11 +35,17 @@ INJECTIONS = {
 
 
 def _local_context(local_prompt, label: str) -> torch.Tensor | None:
+    """The text embeddings of a one-entry CONDITIONING (its pooled output is
+    not used: SD3 ControlNets get zero pooled projections)."""
     if local_prompt is None:
         return None
-    if not isinstance(local_prompt, list) or not local_prompt or not isinstance(local_prompt[0][0], torch.Tensor):
+    if not isinstance(local_prompt, list) or not local_prompt or not isinstance(local_prompt[0], (list, tuple)) \
+            or not isinstance(local_prompt[0][0], torch.Tensor) or local_prompt[0][0].ndim != 3:
         raise ValueError(f"{label}: local_prompt must be a CONDITIONING (e.g. from CLIP Text Encode), "
                          f"got {type(local_prompt).__name__}.")
+    if len(local_prompt) != 1:
+        raise ValueError(f"{label}: local_prompt must be one text (one CONDITIONING entry), got {len(local_prompt)} "
+                         f"entries; connect a single CLIP Text Encode.")
     return local_prompt[0][0]
 
 
@@ -76,8 +82,9 @@ class RefineControlInpaintApply(io.ComfyNode):
                 io.Float.Input("max_lambda", default=20.0, min=0.0, max=1000.0, step=0.1,
                                tooltip="Upper clip of the add^inj weight λ."),
                 io.Conditioning.Input("local_prompt", optional=True,
-                                      tooltip="Text for the ControlNet only, describing just the masked region "
-                                              "(given to the positive rows; the negative keeps its own text)."),
+                                      tooltip="Text for this ControlNet only, describing just the masked region: "
+                                              "it replaces the prompt of the positive rows inside this ControlNet; "
+                                              "the negative rows, other ControlNets and the model keep their text."),
             ],
             outputs=[
                 io.Conditioning.Output(display_name="positive"),
@@ -119,18 +126,16 @@ class RefineControlInpaintApply(io.ComfyNode):
         balanced, granularity = INJECTIONS[injection]
         del cn_model
 
-        if strength == 0 and local is None:
+        if strength == 0:
+            # Nothing attached, with or without a local prompt (it belongs to this control only).
             return io.NodeOutput(positive, negative)
+
         def make_control():
             return RefineControl.create(control_net, hint, keep, strength, (start_percent, end_percent), vae,
-                                        conv.name, wiring, balanced, granularity, max_lambda, label)
+                                        conv.name, wiring, balanced, granularity, max_lambda, label,
+                                        local_context=local)
 
-        def add_local_prompt(index, extra):
-            if local is not None and index == 0:
-                extra["cross_attn_controlnet"] = local
-
-        return io.NodeOutput(*attach_controls(positive, negative, make_control if strength > 0 else None,
-                                              add_local_prompt))
+        return io.NodeOutput(*attach_controls(positive, negative, make_control))
 
 
 NODES = [RefineControlInpaintApply]

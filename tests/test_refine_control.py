@@ -206,11 +206,132 @@ def test_balanced_injection_patch_is_add_inj():
     torch.testing.assert_close(out["img"], add_inj(img, r, 20.0, "layer"))
 
 
-def test_node_local_prompt_goes_to_controlnet_only(sd3_runtime):
-    local = [[torch.randn(1, 3, 4096), {}]]
-    pos, neg = _apply(sd3_runtime, torch.zeros(1, 32, 32), local_prompt=local)
-    assert pos[0][1]["cross_attn_controlnet"] is local[0][0]
-    assert "cross_attn_controlnet" not in neg[0][1]
+def _core_sd3_controlnet(seed):
+    return comfy.controlnet.load_controlnet_state_dict(
+        s3.sd3_controlnet_state_dict(num_blocks=2, latent_channels=16, seed=seed))
+
+
+class _Recorder:
+    """Forward hooks (test instrumentation only): the outputs of a core
+    ControlNet, the text rows entering a ControlNet's context embedder, and the
+    batch of every base-model call."""
+
+    def __init__(self):
+        self.handles, self.calls = [], {}
+
+    def outputs(self, name, module):
+        self.calls[name] = []
+        self.handles.append(module.register_forward_hook(
+            lambda m, a, kw, out: self.calls[name].append([r.clone() for r in out["output"]]), with_kwargs=True))
+
+    def inputs(self, name, module):
+        self.calls[name] = []
+        self.handles.append(module.register_forward_hook(lambda m, a, out: self.calls[name].append(a[0].clone())))
+
+    def base_calls(self, name, module):
+        self.calls[name] = []
+        self.handles.append(module.register_forward_hook(
+            lambda m, a, kw, out: self.calls[name].append(
+                (kw.get("x", a[0] if a else None).shape[0], list(kw["transformer_options"]["cond_or_uncond"]))),
+            with_kwargs=True))
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+def _chain_and_sample(rt_, local, before, after, steps=1):
+    import nodes as comfy_nodes
+    hint = torch.rand(1, 32, 32, 3, generator=torch.Generator().manual_seed(3))
+    mask = torch.zeros(1, 32, 32)
+    mask[:, 8:24, 8:24] = 1
+    apply_core = comfy_nodes.ControlNetApplyAdvanced().apply_controlnet
+    pos, neg = apply_core(rt_["pos"], rt_["neg"], before, hint, 0.8, 0.0, 1.0, vae=rt_["vae"])
+    pos, neg = RefineControlInpaintApply.execute(pos, neg, rt_["student"], rt_["vae"], hint, mask, 1.0, 0.0, 1.0,
+                                                 "diffusers", "diffusers_0.29", "add", 20.0,
+                                                 local_prompt=local).args
+    pos, neg = apply_core(pos, neg, after, hint, 1.1, 0.0, 1.0, vae=rt_["vae"])
+    latent = torch.zeros(1, 16, 4, 4)
+    noise = comfy.sample.prepare_noise(latent, 0)
+    out = comfy.sample.sample(rt_["patcher"], noise, steps, 3.0, "euler", "normal", pos, neg, latent, seed=0,
+                              disable_pbar=True)
+    return out, pos, neg
+
+
+def test_local_prompt_reaches_only_its_own_controlnet_and_keeps_cfg_batched(sd3_runtime):
+    """Core SD3 ControlNets chained before and after get exactly the residuals
+    they get without the local prompt; the RefineControl's own ControlNet sees
+    the local text on the positive rows and the negative text on the negative
+    rows (both repeated to the lcm of the token counts, as ComfyUI stacks
+    texts); cond and uncond stay one batch: one model call per step."""
+    before, after = _core_sd3_controlnet(21), _core_sd3_controlnet(22)
+    local = [[torch.randn(1, 3, 4096, generator=torch.Generator().manual_seed(9)), {"pooled_output": None}]]
+    runs = {}
+    for name, lp in (("global", None), ("local", local)):
+        rec = _Recorder()
+        rec.outputs("before", before.control_model)
+        rec.outputs("after", after.control_model)
+        rec.inputs("own_text", sd3_runtime["student"].control_model.context_embedder)
+        rec.base_calls("base", sd3_runtime["patcher"].model.diffusion_model)
+        try:
+            out, pos, neg = _chain_and_sample(sd3_runtime, lp, before, after)
+        finally:
+            rec.close()
+        runs[name] = (rec.calls, out)
+        # conditioning dicts carry no text for ControlNets: the local prompt lives in the control
+        assert all("cross_attn_controlnet" not in e[1] for e in pos + neg)
+        assert pos[0][1]["control"] is neg[0][1]["control"]
+    g, l_ = runs["global"][0], runs["local"][0]
+    for who in ("before", "after"):
+        assert len(g[who]) == len(l_[who]) == 1
+        assert len(g[who][0]) == len(l_[who][0]) > 0
+        for a, b in zip(g[who][0], l_[who][0]):
+            assert torch.equal(a, b), who
+    # one base-model call for the step, with both rows batched
+    assert [(n, sorted(c)) for n, c in l_["base"]] == [(2, [0, 1])]
+    assert [(n, sorted(c)) for n, c in g["base"]] == [(2, [0, 1])]
+    # what the RefineControl's own ControlNet read
+    (text,) = l_["own_text"]
+    labels = l_["base"][0][1]
+    assert text.shape == (2, 21, 4096)                              # lcm(7, 3)
+    for row, label in enumerate(labels):
+        expected = (local[0][0] if label == 0 else sd3_runtime["neg"][0][0]).float()
+        expected = expected.repeat(1, 21 // expected.shape[1], 1)[0]
+        torch.testing.assert_close(text[row].float(), expected)
+    (text_g,) = g["own_text"]
+    assert text_g.shape == (2, 7, 4096)
+    assert not torch.allclose(runs["global"][1], runs["local"][1])   # the local prompt does change the image
+
+
+def test_local_prompt_substitution_uses_cond_or_uncond_labels():
+    ctx = torch.arange(2 * 2 * 1, dtype=torch.float32).view(4, 1, 1).expand(4, 2, 1).contiguous()
+    local = torch.full((1, 1, 1), -1.0)
+    out = rt.context_with_local_prompt(ctx, local, [1, 0])           # uncond chunk first
+    assert torch.equal(out[:2], ctx[:2]) and torch.equal(out[2:], torch.full((2, 2, 1), -1.0))
+    assert rt.context_with_local_prompt(ctx, local, [1]) is ctx      # uncond-only call: untouched
+    with pytest.raises(ValueError, match="wide"):
+        rt.context_with_local_prompt(ctx, torch.zeros(1, 1, 3), [0, 1])
+
+
+@pytest.mark.parametrize("with_local", [False, True])
+def test_strength_zero_returns_conditioning_unchanged(sd3_runtime, with_local):
+    local = [[torch.randn(1, 3, 4096), {}]] if with_local else None
+    pos, neg = _apply(sd3_runtime, torch.zeros(1, 32, 32), strength=0.0, local_prompt=local)
+    assert pos is sd3_runtime["pos"] and neg is sd3_runtime["neg"]
+
+
+def test_local_prompt_with_a_non_sd3_controlnet_is_an_error(sd3_runtime, small_sd15_files):
+    sd15_cn = comfy.controlnet.load_controlnet(str(small_sd15_files["controlnets"][0]))
+    for strength in (1.0, 0.0):
+        with pytest.raises(ValueError, match="expected an SD3 \\(MMDiT\\) ControlNet.*found"):
+            _apply(sd3_runtime, torch.zeros(1, 32, 32), control_net=sd15_cn, strength=strength,
+                   local_prompt=[[torch.randn(1, 3, 4096), {}]])
+
+
+def test_local_prompt_must_be_one_text(sd3_runtime):
+    two = [[torch.randn(1, 3, 4096), {}], [torch.randn(1, 3, 4096), {}]]
+    with pytest.raises(ValueError, match="one text"):
+        _apply(sd3_runtime, torch.zeros(1, 32, 32), local_prompt=two)
 
 
 @pytest.mark.parametrize("fill", [0.0, 1.0])
