@@ -4,7 +4,9 @@ controlnext) share: the options both have, added at the same place in each
 
 from __future__ import annotations
 
+import argparse
 import logging
+import sys
 from pathlib import Path
 
 
@@ -86,3 +88,24 @@ def stop_on_problems(subcommand: str, problems: list[str]) -> None:
 
 def configure_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+class _DeprecatedSpelling(argparse.Action):
+    """An old option name: stores into the new option's ``dest`` and says so."""
+
+    def __init__(self, option_strings, dest, new_spelling: str, **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self.new_spelling = new_spelling
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"note: {option_string} is deprecated and will be removed; use {self.new_spelling} "
+              f"(same meaning)", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def add_deprecated_spelling(group, old: str, new: str, dest: str, **kwargs) -> None:
+    """Accept ``old`` as a spelling of the option ``new`` (which stores into
+    ``dest``): hidden from ``--help``, a deprecation note on stderr when used.
+    ``kwargs`` are the new option's ``type``/``choices``/``nargs``."""
+    group.add_argument(old, dest=dest, action=_DeprecatedSpelling, new_spelling=new, default=argparse.SUPPRESS,
+                       help=argparse.SUPPRESS, **kwargs)
