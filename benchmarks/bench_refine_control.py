@@ -44,7 +44,7 @@ def main(argv=None):
     import comfy.model_management
 
     from headless import synthetic_sd3
-    from training.refine_control import median_controlnet_seconds
+    from training.refine_control.evaluation import median_controlnet_seconds
 
     config = dict(synthetic_sd3.TINY_SD3, depth=args.width_depth,
                   context_embedder_config={"target": "torch.nn.Linear",

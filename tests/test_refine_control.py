@@ -434,7 +434,7 @@ def test_eval_reports_masked_scores_and_the_controlnet_time_ratio(trained, tmp_p
 
 
 def test_student_init_from_base_blocks_and_teacher_embedder():
-    from training.refine_control import build_student, load_sd3_base, load_sd3_controlnet
+    from training.refine_control.models import build_student, load_sd3_base, load_sd3_controlnet
     base, teacher_path = _files()
     patcher, _, _ = load_sd3_base(base)
     teacher = load_sd3_controlnet(teacher_path, "teacher")
@@ -460,7 +460,7 @@ def test_saved_student_loads_in_core_and_node(trained, sd3_runtime):
 
 
 def test_trainer_rejects_dataset_without_masks(tmp_path):
-    from training.refine_control import scan_inpaint_data
+    from training.refine_control.data import scan_inpaint_data
     (tmp_path / "d.jsonl").write_text(json.dumps({"image": "x.png", "prompt": "p"}))
     with pytest.raises(ValueError, match="no usable items"):
         scan_inpaint_data(tmp_path / "d.jsonl")

@@ -1,0 +1,137 @@
+"""``refine-control-eval``: teacher vs student through ComfyUI's sampler and the node."""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+
+from .data import load_pair, scan_inpaint_data
+from .models import load_sd3_base
+from .text import TextCache
+
+log = logging.getLogger("training.refine_control")
+
+
+def run_eval(args) -> int:
+
+    from ..runtime import extension, setup_comfy
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_comfy()
+    extension()
+    import comfy.controlnet
+    import comfy.sample
+    from balanced_control.model_patches import refine_control as rc
+    from balanced_control.nodes.refine_control import RefineControlInpaintApply
+
+    records, skipped = scan_inpaint_data(args.data)
+    patcher, clip, vae = load_sd3_base(args.base)
+    text = TextCache(clip)
+    nets = {"teacher": (comfy.controlnet.load_controlnet(args.teacher), args.teacher_wiring),
+            "student": (comfy.controlnet.load_controlnet(args.student), args.student_wiring)}
+    for name, (c, _) in nets.items():
+        if c is None:
+            raise ValueError(f"--{name}: ComfyUI does not recognise the file as a ControlNet")
+    scores = {k: {"psnr": [], "ssim": []} for k in nets}
+    empty = 0
+    for i, rec in enumerate(records):
+        image, mask = load_pair(rec, args.resolution)
+        image, mask = image[None], mask[None]
+        if float((mask > 0.5).sum()) == 0:
+            empty += 1
+            log.warning("eval: %s has an empty mask; nothing to inpaint, left out of the scores", rec.name)
+            continue
+        c, p = text(rec.prompt)
+        pos = [[c, {"pooled_output": p}]]
+        cn_, pn_ = text("")
+        neg = [[cn_, {"pooled_output": pn_}]]
+        local = [[text(rec.local_prompt)[0], {}]] if rec.local_prompt else None
+        latent = patcher.model.latent_format.process_in(vae.encode(image))
+        for name, (control, wiring) in nets.items():
+            out = RefineControlInpaintApply.execute(pos, neg, control, vae, image, mask, 1.0, 0.0, 1.0,
+                                                    args.convention, wiring, "add", 20.0, local_prompt=local)
+            p_c, n_c = out.args
+            noise = comfy.sample.prepare_noise(latent, args.seed + i)
+            noise_mask = mask[:, None]
+            samples = comfy.sample.sample(patcher, noise, args.steps, args.cfg, "euler", "normal", p_c, n_c, latent,
+                                          denoise=1.0, noise_mask=noise_mask, seed=args.seed + i,
+                                          disable_pbar=True)
+            decoded = vae.decode(patcher.model.latent_format.process_out(samples))[..., :3].float().cpu()
+            scores[name]["psnr"].append(float(rc.masked_psnr(decoded, image, mask)[0]))
+            scores[name]["ssim"].append(float(rc.masked_ssim(decoded, image, mask)[0]))
+
+    timing = controlnet_timing(nets, patcher, args)
+    report = {"images": len(scores["student"]["psnr"]), "skipped_items": len(skipped), "empty_masks": empty,
+              **{f"{k}_{m}": (statistics.fmean(v[m]) if v[m] else None) for k, v in scores.items() for m in v},
+              **timing}
+    for k, v in report.items():
+        print(f"{k}: {v}")
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(report, indent=1))
+    return 0
+
+
+def controlnet_timing(nets: dict, patcher, args) -> dict:
+    """Median ControlNet forward time of the student and the teacher at the
+    evaluation resolution (``median_controlnet_seconds``)."""
+    import comfy.model_management
+    import torch
+
+    dev = comfy.model_management.get_torch_device()
+    dm = patcher.model.diffusion_model
+    dtype = comfy.model_management.unet_dtype() if dev.type == "cuda" else torch.float32
+    models = {name: control.control_model.to(dev, dtype) for name, (control, _) in nets.items()}
+    ctx_dim = dm.context_embedder.in_features if hasattr(dm.context_embedder, "in_features") else 4096
+    adm = dm.y_embedder.mlp[0].in_features if dm.y_embedder is not None else 2048
+    med = median_controlnet_seconds(models, args.resolution // 8, ctx_dim, adm, args.timing_repeats)
+    return {"teacher_layers": len(models["teacher"].joint_blocks),
+            "student_layers": len(models["student"].joint_blocks),
+            "teacher_ms": med["teacher"] * 1000, "student_ms": med["student"] * 1000,
+            "time_ratio": med["student"] / med["teacher"], "device": str(dev)}
+
+
+def median_controlnet_seconds(models: dict, latent_side: int, ctx_dim: int, adm: int, repeats: int,
+                              on_round=None) -> dict:
+    """Median forward time of each SD3 ControlNet in ``models`` (name -> module,
+    on its device and dtype) for one sampling step: batch 2 (cond + uncond
+    rows), run by the node's own layer function. The models alternate within
+    every round so that all see the same machine state; the first round warms
+    up. ``on_round(i)`` is called after each round."""
+    import torch
+
+    from balanced_control.model_patches.refine_control_runtime import controlnet_layers
+
+    g = torch.Generator().manual_seed(0)
+    inputs = {}
+    for name, cn in models.items():
+        p = next(cn.parameters())
+        hint_channels = cn.pos_embed_input.proj.weight.shape[1]
+        inputs[name] = [t.to(p.device, p.dtype) for t in (
+            torch.randn(2, 16, latent_side, latent_side, generator=g),
+            torch.randn(2, hint_channels, latent_side, latent_side, generator=g),
+            torch.full((2,), 500.0),
+            torch.randn(2, 154, ctx_dim, generator=g),
+            torch.randn(2, adm, generator=g))]
+
+    def sync(device):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    times = {name: [] for name in models}
+    with torch.inference_mode():
+        for rep in range(repeats + 1):
+            for name, cn in models.items():
+                device = inputs[name][0].device
+                sync(device)
+                t0 = time.perf_counter()
+                controlnet_layers(cn, *inputs[name])
+                sync(device)
+                if rep > 0:
+                    times[name].append(time.perf_counter() - t0)
+            if on_round:
+                on_round(rep)
+    return {name: statistics.median(v) for name, v in times.items()}

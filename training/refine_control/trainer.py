@@ -1,0 +1,243 @@
+"""The Refine-Control distillation loop (stages 1 and 2)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+from .data import load_pair, scan_inpaint_data
+from .models import build_student, load_sd3_base, load_sd3_controlnet, save_student
+from .text import TextCache, stack_text
+
+log = logging.getLogger("training.refine_control")
+
+LOG_FIELDS = ["step", "stage", "loss", "task_loss", "kd_loss", "af_loss", "lr", "samples_per_s", "elapsed_s"]
+
+
+class RefineControlTrainer:
+    def __init__(self, args):
+        self.args = args
+
+    def run(self) -> int:
+        import torch
+
+        from .. import engine
+        from ..runtime import extension, setup_comfy
+
+        args = self.args
+        self.dist = dist = engine.init_distributed(args.device)
+        setup_comfy(force_cpu=dist.device.type == "cpu")
+        extension()
+        from balanced_control.model_patches import refine_control as rc
+
+        try:
+            engine.seed_everything(args.seed)
+            self.rc = rc
+            self.output = Path(args.output)
+            self.store = engine.CheckpointStore(self.output / "checkpoints", keep=args.keep_checkpoints)
+            total = args.stage1_steps + args.stage2_steps
+            if total <= 0:
+                raise ValueError("nothing to train: --stage1-steps and --stage2-steps are both 0")
+            self.labelled, self.skipped = scan_inpaint_data(args.data)
+            self.unlabelled = None
+            if args.stage2_steps > 0:
+                if not args.unlabeled:
+                    raise ValueError("--stage2-steps > 0 needs --unlabeled (masked images for stage 2)")
+                self.unlabelled, skipped2 = scan_inpaint_data(args.unlabeled)
+                self.skipped += skipped2
+            self.conv = rc.convention(args.convention)
+
+            self.patcher, clip, self.vae = load_sd3_base(args.base)
+            self.base = self.patcher.model
+            dm = self.base.diffusion_model
+            dm.to(dist.device)
+            self.depth = len(dm.joint_blocks)
+            self.teacher = load_sd3_controlnet(args.teacher, "teacher").to(dist.device).eval().requires_grad_(False)
+            if self.teacher.hidden_size != dm.hidden_size:
+                raise ValueError(f"teacher width {self.teacher.hidden_size} does not match the base's "
+                                 f"{dm.hidden_size}: the teacher was trained for another SD3 model")
+            if self.teacher.pos_embed_input.proj.weight.shape[1] != 17:
+                raise ValueError("teacher: expected an inpainting ControlNet with 17 input channels (16 latent + mask), "
+                                 f"found {self.teacher.pos_embed_input.proj.weight.shape[1]}")
+            self.text = TextCache(clip)
+            self.student = build_student(dm, self.teacher, args.layers).to(dist.device).train()
+            self.t_map = rc.block_map(args.teacher_wiring, len(self.teacher.joint_blocks), self.depth)
+            self.s_map = rc.block_map(args.student_wiring, args.layers, self.depth)
+            self.plan = rc.alignment_plan(self.s_map, self.t_map)
+            self.student_module = self.student
+            self.optimizer = torch.optim.AdamW(self.student_module.parameters(), lr=args.lr, weight_decay=0.0)
+            self.scaler = torch.amp.GradScaler(enabled=args.precision == "fp16" and dist.device.type == "cuda")
+            start = 0
+            if args.resume:
+                start = self.load_checkpoint(self.store.resolve(args.resume))
+            self.train(start, total)
+            if dist.main:
+                out = save_student(self.student_module, self.output / f"{args.name}.safetensors", self.depth,
+                                   engine.SAVE_DTYPES[args.save_dtype],
+                                   {"format": "diffusers SD3ControlNetModel", "layers": args.layers,
+                                    "convention": args.convention, "wiring": args.student_wiring,
+                                    "trained_with": "ComfyUI-BalancedControl training refine-control"})
+                log.info("student saved: %s", out)
+                print(f"student: {out}")
+            dist.barrier()
+            return 0
+        finally:
+            engine.shutdown_distributed()
+
+    # ------------------------------------------------------------------ batches
+    def batch(self, step: int, stage: int):
+        import torch
+
+        from ..data import epoch_order
+
+        args, dist = self.args, self.dist
+        records = self.labelled if stage == 1 else self.unlabelled
+        n = len(records)
+        images, masks, ctx, pooled, ctx_cn, gens = [], [], [], [], [], []
+        global_batch = args.batch_size * dist.world
+        for k in range(args.batch_size):
+            position = step * global_batch + dist.rank * args.batch_size + k
+            index = int(epoch_order(n, args.seed + stage, position // n)[position % n])
+            rec = records[index]
+            image, mask = load_pair(rec, args.resolution)
+            images.append(image)
+            masks.append(mask)
+            c, p = self.text(rec.prompt)
+            cc, _ = self.text(rec.local_prompt) if rec.local_prompt else (c, p)
+            ctx.append(c)
+            pooled.append(p)
+            ctx_cn.append(cc)
+            key = index if args.fixed_noise else position
+            gens.append(torch.Generator().manual_seed((args.seed * 1_000_003 + stage * 7919 + key) % 2**63))
+        return images, masks, stack_text(ctx), torch.cat(pooled), stack_text(ctx_cn), gens
+
+    @staticmethod
+    def _encode(vae, images):
+        import torch
+
+        with torch.no_grad():
+            return vae.encode(torch.stack(images)).float()
+
+    def step_losses(self, step: int, stage: int) -> dict:
+        import torch
+
+        from balanced_control.model_patches.refine_control_runtime import controlnet_layers
+
+        rc, args, dev = self.rc, self.args, self.dist.device
+        images, masks, ctx, pooled, ctx_cn, gens = self.batch(step, stage)
+        mask = torch.stack(masks)
+        raw = self._encode(self.vae, images)
+        raw_masked = self._encode(self.vae, list(rc.masked_image(torch.stack(images), mask, self.conv)))
+        x0 = self.base.latent_format.process_in(raw).to(dev)
+        hint = rc.conditioning_latent(raw_masked, mask, self.conv).to(dev)
+        m_lat = rc.latent_mask(mask, x0.shape[-2:], self.conv).to(dev)
+        noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(dev)
+        # logit-normal timesteps, then SD3's shift (the base's own schedule)
+        u = torch.sigmoid(torch.stack([torch.randn((), generator=g) for g in gens])).to(dev)
+        shift = float(getattr(self.base.model_sampling, "shift", 3.0))
+        sigma = shift * u / (1 + (shift - 1) * u)
+        s = sigma.view(-1, 1, 1, 1)
+        x_t = (1 - s) * x0 + s * noise
+        target = noise - x0
+        t = self.base.model_sampling.timestep(sigma).float()
+        ctx, ctx_cn, pooled = ctx.to(dev), ctx_cn.to(dev), pooled.to(dev)
+        dm = self.base.diffusion_model
+        from .. import engine
+
+        with engine.autocast_context(dev, args.precision):
+            with torch.no_grad():
+                f_t, r_t = controlnet_layers(self.teacher, x_t, hint, t, ctx_cn, pooled)
+                v_t = dm(x_t, t, context=ctx, y=pooled,
+                         control={"output": rc.residuals_for_blocks(r_t, self.t_map)})
+            f_s, r_s = controlnet_layers(self.student_module, x_t, hint, t, ctx_cn, pooled)
+            v_s = dm(x_t, t, context=ctx, y=pooled, control={"output": rc.residuals_for_blocks(r_s, self.s_map)})
+        losses = {"kd_loss": rc.distillation_loss(v_s, v_t), "af_loss": rc.feature_alignment_loss(f_s, f_t, self.plan)}
+        total = args.w_kd * losses["kd_loss"] + args.w_af * losses["af_loss"]
+        if stage == 1:
+            losses["task_loss"] = rc.task_loss(v_s, target, m_lat, args.alpha)
+            total = total + args.w_task * losses["task_loss"]
+        losses["loss"] = total
+        return losses
+
+    def train(self, start: int, total: int) -> None:
+        import torch
+
+        from .. import engine
+
+        args, dist = self.args, self.dist
+        csv = engine.CsvLog(self.output / "log.csv", start if args.resume else None, LOG_FIELDS) if dist.main else None
+        bar = engine.progress_bar(total, start, dist.main)
+        timer, t0 = engine.StepTimer(), time.time()
+        try:
+            for step in range(start, total):
+                stage = 1 if step < args.stage1_steps else 2
+                losses = self.step_losses(step, stage)
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scaler.scale(losses["loss"]).backward()
+                if dist.enabled:
+                    # Data parallel: average the gradients over ranks. Parameters that feed no
+                    # loss (the last block's text stream) have no gradient on every rank alike.
+                    for p in self.student_module.parameters():
+                        if p.grad is not None:
+                            torch.distributed.all_reduce(p.grad)
+                            p.grad /= dist.world
+                self.scaler.unscale_(self.optimizer)
+                if args.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(self.student_module.parameters(), args.grad_clip)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                dt = timer.lap()
+                values = {k: dist.all_reduce_mean(float(v.detach())) for k, v in losses.items()}
+                if not all(math.isfinite(v) for v in values.values()):
+                    raise FloatingPointError(f"step {step + 1}: non-finite loss {values}; lower --lr or use "
+                                             f"--precision bf16/no")
+                if csv is not None:
+                    csv.write({"step": step + 1, "stage": stage, **values, "lr": args.lr,
+                               "samples_per_s": args.batch_size * dist.world / max(dt, 1e-9),
+                               "elapsed_s": time.time() - t0})
+                bar.update(1)
+                bar.set_postfix(stage=stage, loss=f"{values['loss']:.4g}")
+                if args.checkpoint_every > 0 and (step + 1) % args.checkpoint_every == 0 and step + 1 < total:
+                    self.save_checkpoint(step + 1)
+        finally:
+            bar.close()
+            if csv is not None:
+                csv.close()
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, step: int) -> None:
+        from .. import engine
+
+        if self.dist.main:
+            tmp = self.store.begin(step)
+            try:
+                opt_tensors, opt_rest = engine.optimizer_tensors(self.optimizer)
+                engine.save_tensors({k: v.float() for k, v in self.student_module.state_dict().items()},
+                                    tmp / "student.safetensors")
+                engine.save_tensors(opt_tensors, tmp / "optimizer.safetensors")
+                engine.write_json(tmp / "state.json", {"step": step, "optimizer": opt_rest, "args": vars(self.args)})
+                self.store.commit(step)
+            except OSError as e:
+                self.store.abort(step)
+                log.error("checkpoint at step %d not written (%s); the previous one is intact", step, e)
+        self.dist.barrier()
+
+    def load_checkpoint(self, folder: Path) -> int:
+        from .. import engine
+
+        state = json.loads((folder / "state.json").read_text())
+        sd = engine.load_tensors(folder / "student.safetensors")
+        self.student_module.load_state_dict({k: v.to(self.dist.device) for k, v in sd.items()})
+        engine.load_optimizer(self.optimizer, engine.load_tensors(folder / "optimizer.safetensors"), state["optimizer"])
+        log.info("resumed from %s (step %d)", folder, state["step"])
+        return int(state["step"])
+
+
+def run(args) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return RefineControlTrainer(args).run()
+
+
