@@ -169,16 +169,39 @@ def distillation_loss(student_pred: torch.Tensor, teacher_pred: torch.Tensor) ->
     return (student_pred.float() - teacher_pred.detach().float()).square().mean()
 
 
+AF_NORMALISATIONS = ("teacher", "none")
+
+
 def feature_alignment_loss(student_features: Sequence[torch.Tensor], teacher_features: Sequence[torch.Tensor],
-                           plan: Sequence[AlignmentTerm]) -> torch.Tensor:
-    """L_af = Σ_j mean((|B_j|·f^S_j − sg(Σ_k f^T_k))²) over ``alignment_plan``'s terms."""
+                           plan: Sequence[AlignmentTerm], normalise: str = "teacher",
+                           eps: float = 1e-12) -> torch.Tensor:
+    """L_af = Σ_j e_j over ``alignment_plan``'s terms, with, per batch row b,
+
+        d_j = |B_j|·f^S_j − sg(Σ_{k∈T_j} f^T_k)          (what each injects into blocks B_j)
+        e_j = mean_b( mean(d_j²) / (mean((Σ_k f^T_k)²) + eps) )   normalise="teacher"
+        e_j = mean(d_j²)                                       normalise="none"
+
+    With ``"teacher"`` each term is the student's error relative to the
+    teacher's own signal in that row: unchanged when both features are scaled
+    by the same factor, so layers whose residuals differ by orders of
+    magnitude weigh alike and L_af cannot swamp L_kd by scale alone (each
+    term is 1 when the student injects nothing). The features are what the
+    caller passes: the trainer passes the residuals after each layer's output
+    projection (what is injected), see ``--af-features``. Reductions in fp32."""
+    if normalise not in AF_NORMALISATIONS:
+        raise ValueError(f"feature_alignment_loss: normalise must be one of {AF_NORMALISATIONS}, got {normalise!r}")
     total = None
     for term in plan:
         if not term.teacher_layers:
             continue
         fs = student_features[term.student_layer].float() * term.count
         ft = sum(teacher_features[k].detach().float() for k in term.teacher_layers)
-        value = (fs - ft).square().mean()
+        err = (fs - ft).square()
+        if normalise == "teacher":
+            per_row = err.flatten(1).mean(dim=1) / (ft.square().flatten(1).mean(dim=1) + eps)
+            value = per_row.mean()
+        else:
+            value = err.mean()
         total = value if total is None else total + value
     if total is None:
         raise ValueError("feature_alignment_loss: the plan pairs no student layer with a teacher layer")

@@ -99,10 +99,36 @@ def test_distillation_loss_hand_value_and_stop_gradient():
 def test_feature_alignment_hand_value_with_odd_teacher():
     # student 2 layers on 4 blocks (pairs), teacher 3 layers one-to-one
     plan = rc.alignment_plan(rc.block_map("diffusers_0.29", 2, 4), rc.block_map("diffusers_0.29", 3, 4))
-    fs = [torch.tensor([1.0]), torch.tensor([2.0])]
-    ft = [torch.tensor([0.5]), torch.tensor([1.0]), torch.tensor([4.0])]
+    fs = [torch.tensor([[1.0]]), torch.tensor([[2.0]])]
+    ft = [torch.tensor([[0.5]]), torch.tensor([[1.0]]), torch.tensor([[4.0]])]
     # term 1: (2*1 - (0.5 + 1))^2 = 0.25; term 2 (odd rule): (1*2 - 4)^2 = 4
-    assert rc.feature_alignment_loss(fs, ft, plan).item() == pytest.approx(4.25)
+    assert rc.feature_alignment_loss(fs, ft, plan, normalise="none").item() == pytest.approx(4.25)
+    # normalised by the teacher's mean square: 0.25 / 1.5^2 + 4 / 4^2
+    assert rc.feature_alignment_loss(fs, ft, plan).item() == pytest.approx(0.25 / 2.25 + 0.25)
+
+
+def test_feature_alignment_is_scale_invariant_and_per_row():
+    plan = rc.alignment_plan(rc.block_map("diffusers_0.29", 2, 4), rc.block_map("diffusers_0.29", 3, 4))
+    g = torch.Generator().manual_seed(0)
+    fs = [torch.randn(2, 6, 8, generator=g) for _ in range(2)]
+    ft = [torch.randn(2, 6, 8, generator=g) * s for s in (1.0, 30.0, 0.5)]
+    ref = rc.feature_alignment_loss(fs, ft, plan)
+    for c in (1e-2, 7.0, 1e3):
+        torch.testing.assert_close(rc.feature_alignment_loss([f * c for f in fs], [f * c for f in ft], plan), ref,
+                                   rtol=1e-5, atol=0)
+    unnormalised = rc.feature_alignment_loss(fs, ft, plan, normalise="none")
+    assert rc.feature_alignment_loss([f * 10 for f in fs], [f * 10 for f in ft], plan, normalise="none").item() \
+        == pytest.approx(100 * unnormalised.item(), rel=1e-5)
+    # exact per-row value, in float64
+    expected = 0.0
+    for term in plan:
+        d = (fs[term.student_layer].double() * term.count - sum(ft[k].double() for k in term.teacher_layers))
+        t = sum(ft[k].double() for k in term.teacher_layers)
+        expected += float(torch.stack([d[b].square().mean() / t[b].square().mean() for b in range(2)]).mean())
+    assert ref.item() == pytest.approx(expected, rel=1e-5)
+    # a student that injects nothing scores exactly 1 per term
+    zero = rc.feature_alignment_loss([torch.zeros_like(f) for f in fs], ft, plan)
+    assert zero.item() == pytest.approx(len(plan))
 
 
 # --------------------------------------------------------------------------
@@ -395,7 +421,7 @@ def trained(tmp_path_factory):
     out = root / "run"
     cmd = [sys.executable, "-m", "training", "refine-control", "--base", str(base), "--teacher", str(teacher),
            "--data", str(data), "--unlabeled", str(data), "--layers", "2", "--stage1-steps", "4",
-           "--stage2-steps", "4", "--batch-size", "1", "--resolution", "32", "--lr", "2e-3",
+           "--stage2-steps", "4", "--batch-size", "1", "--resolution", "32", "--learning-rate", "2e-3",
            "--output", str(out), "--checkpoint-every", "4", "--fixed-noise", "--save-dtype", "fp32"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -414,23 +440,39 @@ def test_training_stages_decrease_loss_and_report_skipped_items(trained):
     assert (trained["out"] / "checkpoints" / "step-00000004" / "state.json").is_file()
 
 
-def test_eval_reports_masked_scores_and_the_controlnet_time_ratio(trained, tmp_path):
-    """refine-control-eval on the trained student: masked PSNR/SSIM for both
-    ControlNets through ComfyUI's sampler, and the side-by-side timing."""
-    data = _dataset(tmp_path / "heldout", n=1)
-    report_path = tmp_path / "eval.json"
+EVAL_STEPS, EVAL_CFG = 2, 3.0
+
+
+@pytest.fixture(scope="module")
+def evaluated(trained, tmp_path_factory):
+    """refine-control-eval on the trained student, with its images saved."""
+    root = tmp_path_factory.mktemp("rc-eval")
+    data = _dataset(root / "heldout", n=1)
+    report_path, images = root / "eval.json", root / "images"
     cmd = [sys.executable, "-m", "training", "refine-control-eval", "--base", str(trained["base"]),
            "--teacher", str(trained["teacher"]), "--student", str(trained["out"] / "refine_control_student.safetensors"),
-           "--data", str(data), "--resolution", "32", "--steps", "1", "--cfg", "1", "--timing-repeats", "2",
-           "--output", str(report_path)]
+           "--data", str(data), "--resolution", "32", "--steps", str(EVAL_STEPS), "--cfg", str(EVAL_CFG),
+           "--timing-repeats", "2", "--output", str(report_path), "--save-images", str(images)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    report = json.loads(report_path.read_text())
+    return {"report": json.loads(report_path.read_text()), "images": images, "data_root": root / "heldout"}
+
+
+def test_eval_reports_masked_scores_and_the_controlnet_time_ratio(evaluated):
+    """refine-control-eval: masked PSNR/SSIM for both ControlNets through
+    ComfyUI's sampler, and the side-by-side timing."""
+    report = evaluated["report"]
     assert report["images"] == 1 and report["skipped_items"] == 2  # the two broken items of _dataset
     assert all(np.isfinite(report[f"{who}_{m}"]) for who in ("teacher", "student") for m in ("psnr", "ssim"))
     assert (report["teacher_layers"], report["student_layers"]) == (3, 2)
     assert report["teacher_ms"] > 0 and report["time_ratio"] == pytest.approx(
         report["student_ms"] / report["teacher_ms"])
+    # the scores are those of the saved images (the images the node samples, compared in the server test)
+    image, mask = (torch.from_numpy(np.asarray(Image.open(evaluated["data_root"] / f).convert(m), np.float32) / 255)
+                   for f, m in (("img/0.png", "RGB"), ("mask/0.png", "L")))
+    saved = torch.from_numpy(np.asarray(Image.open(evaluated["images"] / "00000_student.png"), np.float32) / 255)
+    assert float(rc.masked_psnr(saved[None], image[None], mask[None])[0]) == pytest.approx(
+        report["student_psnr"], abs=0.05)
 
 
 def test_student_init_from_base_blocks_and_teacher_embedder():
@@ -459,6 +501,88 @@ def test_saved_student_loads_in_core_and_node(trained, sd3_runtime):
     assert torch.isfinite(_sample(sd3_runtime, pos, neg)).all()
 
 
+def _parse(argv):
+    import argparse
+    from training.refine_control.cli import add_arguments
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    return p.parse_args(["--base", "b", "--teacher", "t", "--data", "d", "--output", "o", *argv])
+
+
+def test_trainer_option_names_agree_with_the_other_trainers(capsys):
+    args = _parse(["--learning-rate", "3e-4", "--mixed-precision", "bf16", "--max-grad-norm", "0.5"])
+    assert (args.learning_rate, args.mixed_precision, args.max_grad_norm) == (3e-4, "bf16", 0.5)
+    old = _parse(["--lr", "3e-4", "--precision", "bf16", "--grad-clip", "0.5"])
+    assert (old.learning_rate, old.mixed_precision, old.max_grad_norm) == (3e-4, "bf16", 0.5)
+    err = capsys.readouterr().err
+    for o, n in (("--lr", "--learning-rate"), ("--precision", "--mixed-precision"), ("--grad-clip", "--max-grad-norm")):
+        assert f"{o} is deprecated" in err and n in err
+
+
+def test_stage2_runs_by_default_with_unlabeled_data_and_the_ablation_is_named():
+    from training.refine_control.cli import resolve_stages
+    args = _parse(["--unlabeled", "u", "--stage1-steps", "100"])
+    assert resolve_stages(args) == [] and args.stage2_steps == 25
+    args = _parse(["--stage1-steps", "100"])
+    (note,) = resolve_stages(args)
+    assert args.stage2_steps == 0 and "single-stage ablation" in note and "18.81" in note
+    args = _parse(["--unlabeled", "u", "--stage2-steps", "0"])
+    assert resolve_stages(args) == [] and args.stage2_steps == 0
+
+
+class _CountingClip:
+    def __init__(self):
+        self.encoded = []
+
+    def tokenize(self, text):
+        return text
+
+    def encode_from_tokens(self, tokens, return_pooled=True):
+        self.encoded.append(tokens)
+        n = 1 + len(tokens)
+        return torch.full((1, n, 4), float(n), dtype=torch.float16), torch.zeros(1, 2, dtype=torch.float16)
+
+
+def test_text_cache_is_a_bounded_lru():
+    from training.refine_control.text import TextCache
+    clip = _CountingClip()
+    cache = TextCache(clip, max_entries=2, dtype=torch.float32)
+    for t in ("a", "bb", "a", "ccc", "a", "bb"):
+        c, _ = cache(t)
+        assert c.dtype == torch.float32 and c.shape == (1, 1 + len(t), 4)
+    assert clip.encoded == ["a", "bb", "ccc", "bb"]     # "bb" was the least recently used when "ccc" came
+    assert list(cache.cache) == ["a", "bb"] and len(cache.cache) <= 2
+    assert TextCache(clip, max_entries=0)("a")[0].dtype == torch.float16   # no dtype: as CLIP gives it
+    with pytest.raises(ValueError, match=">= 0"):
+        TextCache(clip, max_entries=-1)
+
+
+def test_text_stacking_repeats_to_the_lcm_like_comfyui_batching():
+    from training.refine_control.text import stack_text
+    a = torch.arange(2.0).view(1, 2, 1)
+    b = torch.arange(3.0).view(1, 3, 1) + 10
+    out = stack_text([a, b])
+    assert out.shape == (2, 6, 1)
+    assert out[0, :, 0].tolist() == [0, 1, 0, 1, 0, 1] and out[1, :, 0].tolist() == [10, 11, 12, 10, 11, 12]
+    # attention over the repeated tokens equals attention over the originals (why ComfyUI pads so)
+    q = torch.randn(1, 1, 1)
+    att = torch.nn.functional.scaled_dot_product_attention
+    torch.testing.assert_close(att(q, out[1:2], out[1:2]), att(q, b, b))
+    assert torch.equal(stack_text([a]), a)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_base_and_teacher_load_in_the_requested_dtype(dtype):
+    from training.refine_control.models import load_sd3_base, load_sd3_controlnet
+    base, teacher_path = _files()
+    patcher, clip, vae = load_sd3_base(base, dtype)
+    assert {p.dtype for p in patcher.model.diffusion_model.parameters()} == {dtype}
+    assert {p.dtype for p in vae.first_stage_model.parameters()} == {dtype} and vae.vae_dtype == dtype
+    assert {p.dtype for p in clip.cond_stage_model.parameters() if p.ndim >= 2} == {dtype}  # weight matrices
+    teacher = load_sd3_controlnet(teacher_path, "teacher", dtype)
+    assert {p.dtype for p in teacher.parameters()} == {dtype}
+
+
 def test_trainer_rejects_dataset_without_masks(tmp_path):
     from training.refine_control.data import scan_inpaint_data
     (tmp_path / "d.jsonl").write_text(json.dumps({"image": "x.png", "prompt": "p"}))
@@ -470,7 +594,40 @@ def test_trainer_rejects_dataset_without_masks(tmp_path):
 # server: the example workflow's API twin with the trained student
 # --------------------------------------------------------------------------
 
-def test_api_workflow_runs_through_comfyui_server(trained, tmp_path_factory):
+def _eval_twin_graph(ckpt: str, cn: str, image: str, mask: str, seed: int) -> dict:
+    """The graph refine-control-eval reproduces for one record: Load Image +
+    Load Image (as Mask) -> prompts and local prompt -> the node -> VAE Encode
+    + Set Latent Noise Mask -> KSampler -> VAE Decode -> Save Image."""
+    def node(cls, **inputs):
+        return {"class_type": cls, "inputs": inputs}
+    return {
+        "1": node("CheckpointLoaderSimple", ckpt_name=ckpt),
+        "2": node("ControlNetLoader", control_net_name=cn),
+        "3": node("LoadImage", image=image),
+        "4": node("LoadImageMask", image=mask, channel="red"),
+        "5": node("CLIPTextEncode", text="a ball", clip=["1", 1]),
+        "6": node("CLIPTextEncode", text="", clip=["1", 1]),
+        "7": node("CLIPTextEncode", text="red ball", clip=["1", 1]),
+        "8": node("RefineControlInpaintApply", positive=["5", 0], negative=["6", 0], control_net=["2", 0],
+                  vae=["1", 2], image=["3", 0], mask=["4", 0], strength=1.0, start_percent=0.0, end_percent=1.0,
+                  convention="diffusers", wiring="diffusers_0.29", injection="add", max_lambda=20.0,
+                  local_prompt=["7", 0]),
+        "9": node("VAEEncode", pixels=["3", 0], vae=["1", 2]),
+        "10": node("SetLatentNoiseMask", samples=["9", 0], mask=["4", 0]),
+        "11": node("KSampler", model=["1", 0], seed=seed, steps=EVAL_STEPS, cfg=EVAL_CFG, sampler_name="euler",
+                   scheduler="normal", positive=["8", 0], negative=["8", 1], latent_image=["10", 0], denoise=1.0),
+        "12": node("VAEDecode", samples=["11", 0], vae=["1", 2]),
+        "13": node("SaveImage", images=["12", 0], filename_prefix="eval_twin"),
+    }
+
+
+def test_api_workflow_and_eval_twin_run_through_comfyui_server(trained, evaluated, tmp_path_factory):
+    """The example workflow's API twin runs with the trained student; and the
+    image refine-control-eval reports for a record equals the image ComfyUI's
+    server makes from the same graph and seed (8-bit PNGs, at most one level
+    apart where float rounding straddles a step)."""
+    import io
+    import shutil
     from headless.server import ComfyServer, copy_model
 
     base_dir = tmp_path_factory.mktemp("rc-server")
@@ -483,6 +640,8 @@ def test_api_workflow_runs_through_comfyui_server(trained, tmp_path_factory):
     rgba[..., 3] = 255
     rgba[8:24, 8:24, 3] = 0   # LoadImage's mask is 1 - alpha: the transparent square is inpainted
     Image.fromarray(rgba, "RGBA").save(base_dir / "input" / "refine_input.png")
+    shutil.copy(evaluated["data_root"] / "img" / "0.png", base_dir / "input" / "eval_image.png")
+    shutil.copy(evaluated["data_root"] / "mask" / "0.png", base_dir / "input" / "eval_mask.png")
     prompt = json.loads(API_EXAMPLE.read_text())
     for node in prompt.values():
         ins = node["inputs"]
@@ -504,6 +663,16 @@ def test_api_workflow_runs_through_comfyui_server(trained, tmp_path_factory):
         assert status.get("status_str") == "success", json.dumps(status)[-3000:] + srv.log_tail()
         images = srv.output_images(entry)
         assert images, srv.log_tail()
+
+        entry = srv.run(_eval_twin_graph(ckpt, cn, "eval_image.png", "eval_mask.png", seed=0), timeout=600)
+        status = entry.get("status", {})
+        assert status.get("status_str") == "success", json.dumps(status)[-3000:] + srv.log_tail()
+        (pngs,) = srv.output_images(entry).values()
+    server = np.asarray(Image.open(io.BytesIO(pngs[0])).convert("RGB"), np.int16)
+    ours = np.asarray(Image.open(evaluated["images"] / "00000_student.png").convert("RGB"), np.int16)
+    assert server.shape == ours.shape == (32, 32, 3)
+    diff = np.abs(server - ours)
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())
 
 
 def test_ui_workflow_matches_api_twin():

@@ -23,13 +23,14 @@ def run_eval(args) -> int:
     setup_comfy()
     extension()
     import comfy.controlnet
-    import comfy.sample
-    from balanced_control.model_patches import refine_control as rc
-    from balanced_control.nodes.refine_control import RefineControlInpaintApply
+    import torch
 
     records, skipped = scan_inpaint_data(args.data)
     patcher, clip, vae = load_sd3_base(args.base)
-    text = TextCache(clip)
+    text = TextCache(clip, max_entries=args.text_cache_size)  # embeddings kept as CLIP Text Encode gives them
+    images_dir = Path(args.save_images) if args.save_images else None
+    if images_dir is not None:
+        images_dir.mkdir(parents=True, exist_ok=True)
     nets = {"teacher": (comfy.controlnet.load_controlnet(args.teacher), args.teacher_wiring),
             "student": (comfy.controlnet.load_controlnet(args.student), args.student_wiring)}
     for name, (c, _) in nets.items():
@@ -38,30 +39,8 @@ def run_eval(args) -> int:
     scores = {k: {"psnr": [], "ssim": []} for k in nets}
     empty = 0
     for i, rec in enumerate(records):
-        image, mask = load_pair(rec, args.resolution)
-        image, mask = image[None], mask[None]
-        if float((mask > 0.5).sum()) == 0:
-            empty += 1
-            log.warning("eval: %s has an empty mask; nothing to inpaint, left out of the scores", rec.name)
-            continue
-        c, p = text(rec.prompt)
-        pos = [[c, {"pooled_output": p}]]
-        cn_, pn_ = text("")
-        neg = [[cn_, {"pooled_output": pn_}]]
-        local = [[text(rec.local_prompt)[0], {}]] if rec.local_prompt else None
-        latent = patcher.model.latent_format.process_in(vae.encode(image))
-        for name, (control, wiring) in nets.items():
-            out = RefineControlInpaintApply.execute(pos, neg, control, vae, image, mask, 1.0, 0.0, 1.0,
-                                                    args.convention, wiring, "add", 20.0, local_prompt=local)
-            p_c, n_c = out.args
-            noise = comfy.sample.prepare_noise(latent, args.seed + i)
-            noise_mask = mask[:, None]
-            samples = comfy.sample.sample(patcher, noise, args.steps, args.cfg, "euler", "normal", p_c, n_c, latent,
-                                          denoise=1.0, noise_mask=noise_mask, seed=args.seed + i,
-                                          disable_pbar=True)
-            decoded = vae.decode(patcher.model.latent_format.process_out(samples))[..., :3].float().cpu()
-            scores[name]["psnr"].append(float(rc.masked_psnr(decoded, image, mask)[0]))
-            scores[name]["ssim"].append(float(rc.masked_ssim(decoded, image, mask)[0]))
+        with torch.inference_mode():  # as ComfyUI's executor runs a prompt
+            empty += evaluate_record(i, rec, args, patcher, vae, text, nets, scores, images_dir)
 
     timing = controlnet_timing(nets, patcher, args)
     report = {"images": len(scores["student"]["psnr"]), "skipped_items": len(skipped), "empty_masks": empty,
@@ -73,6 +52,51 @@ def run_eval(args) -> int:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(report, indent=1))
     return 0
+
+
+def evaluate_record(i: int, rec, args, patcher, vae, text, nets: dict, scores: dict, images_dir) -> int:
+    """Inpaint one record with each ControlNet; 1 when its mask is empty (not scored), else 0."""
+    import comfy.sample
+    from balanced_control.model_patches import refine_control as rc
+    from balanced_control.nodes.refine_control import RefineControlInpaintApply
+
+    image, mask = load_pair(rec, args.resolution)
+    image, mask = image[None], mask[None]
+    if float((mask > 0.5).sum()) == 0:
+        log.warning("eval: %s has an empty mask; nothing to inpaint, left out of the scores", rec.name)
+        return 1
+    c, p = text(rec.prompt)
+    pos = [[c, {"pooled_output": p}]]
+    cn_, pn_ = text("")
+    neg = [[cn_, {"pooled_output": pn_}]]
+    local = [[text(rec.local_prompt)[0], {}]] if rec.local_prompt else None
+    # The graph this reproduces: VAE Encode -> Set Latent Noise Mask -> KSampler (euler, normal,
+    # denoise 1) -> VAE Decode. The latent goes in as VAE Encode gives it and comes out as VAE
+    # Decode takes it: comfy.sample.sample applies the latent format's process_in/process_out itself.
+    latent = vae.encode(image[..., :3])
+    for name, (control, wiring) in nets.items():
+        out = RefineControlInpaintApply.execute(pos, neg, control, vae, image, mask, 1.0, 0.0, 1.0,
+                                                args.convention, wiring, "add", 20.0, local_prompt=local)
+        p_c, n_c = out.args
+        noise = comfy.sample.prepare_noise(latent, args.seed + i)
+        noise_mask = mask[:, None]
+        samples = comfy.sample.sample(patcher, noise, args.steps, args.cfg, "euler", "normal", p_c, n_c, latent,
+                                      denoise=1.0, noise_mask=noise_mask, seed=args.seed + i,
+                                      disable_pbar=True)
+        decoded = vae.decode(samples)[..., :3].float().cpu()
+        if images_dir is not None:
+            save_png(decoded[0], images_dir / f"{i:05d}_{name}.png")
+        scores[name]["psnr"].append(float(rc.masked_psnr(decoded, image, mask)[0]))
+        scores[name]["ssim"].append(float(rc.masked_ssim(decoded, image, mask)[0]))
+    return 0
+
+
+def save_png(image, path: Path) -> None:
+    """An IMAGE row (H, W, 3) in [0, 1] as an 8-bit PNG, quantised like core's Save Image."""
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(np.clip(255.0 * image.numpy(), 0, 255).astype(np.uint8)).save(path)
 
 
 def controlnet_timing(nets: dict, patcher, args) -> dict:

@@ -7,8 +7,10 @@ from pathlib import Path
 
 
 
-def load_sd3_base(path: str | Path):
-    """(model_patcher, clip, vae) of an SD3 single-file checkpoint, through ComfyUI's loader."""
+def load_sd3_base(path: str | Path, dtype=None):
+    """(model_patcher, clip, vae) of an SD3 single-file checkpoint, through
+    ComfyUI's loader; with ``dtype`` the transformer, text encoders and VAE
+    are held in that dtype instead of the one ComfyUI picks for the device."""
     import comfy.sd
     import comfy.utils
 
@@ -16,8 +18,10 @@ def load_sd3_base(path: str | Path):
     if not path.is_file():
         raise FileNotFoundError(f"base checkpoint not found: {path}")
     sd, metadata = comfy.utils.load_torch_file(str(path), safe_load=True, return_metadata=True)
+    options = {"dtype": dtype} if dtype is not None else {}
     patcher, clip, vae, _ = comfy.sd.load_state_dict_guess_config(sd, output_vae=True, output_clip=True,
-                                                                  metadata=metadata)
+                                                                  metadata=metadata, model_options=options,
+                                                                  te_model_options=options)
     if patcher is None or not hasattr(patcher.model.diffusion_model, "joint_blocks") \
             or type(patcher.model.model_config).__name__ != "SD3":
         found = type(patcher.model.model_config).__name__ if patcher is not None else "nothing ComfyUI recognises"
@@ -25,18 +29,22 @@ def load_sd3_base(path: str | Path):
                          f"Pass an SD3 single-file checkpoint with --base.")
     if clip is None or vae is None:
         raise ValueError(f"{path}: the checkpoint has no text encoder or VAE; pass a full SD3 single-file checkpoint.")
+    if dtype is not None:
+        # ComfyUI's loader takes no VAE dtype; VAE.encode/decode cast inputs to ``vae_dtype``.
+        vae.first_stage_model.to(dtype)
+        vae.vae_dtype = dtype
     patcher.model.diffusion_model.requires_grad_(False).eval()
     return patcher, clip, vae
 
 
-def load_sd3_controlnet(path: str | Path, label: str):
+def load_sd3_controlnet(path: str | Path, label: str, dtype=None):
     import comfy.controlnet
     from balanced_control.model_patches.refine_control_runtime import sd3_control_model
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{label} not found: {path}")
-    control = comfy.controlnet.load_controlnet(str(path))
+    control = comfy.controlnet.load_controlnet(str(path), model_options={"dtype": dtype} if dtype is not None else {})
     if control is None:
         raise ValueError(f"{label} {path}: ComfyUI does not recognise this file as a ControlNet.")
     return sd3_control_model(control, f"{label} {path.name}")

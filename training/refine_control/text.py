@@ -28,7 +28,7 @@ class TextCache:
         with torch.no_grad():
             cond, pooled = self.clip.encode_from_tokens(self.clip.tokenize(text), return_pooled=True)
         self.encoded += 1
-        dtype = self.dtype or torch.float32
+        dtype = self.dtype if self.dtype is not None else cond.dtype
         return cond.to("cpu", dtype), pooled.to("cpu", dtype)
 
     def __call__(self, text: str):

@@ -34,6 +34,10 @@ class RefineControlTrainer:
         from balanced_control.model_patches import refine_control as rc
 
         try:
+            from .cli import resolve_stages
+
+            for note in resolve_stages(args):
+                log.warning(note)
             engine.seed_everything(args.seed)
             self.rc = rc
             self.output = Path(args.output)
@@ -50,26 +54,29 @@ class RefineControlTrainer:
                 self.skipped += skipped2
             self.conv = rc.convention(args.convention)
 
-            self.patcher, clip, self.vae = load_sd3_base(args.base)
+            # --mixed-precision no: every model in fp32 (ComfyUI would pick fp16/bf16 on a GPU);
+            # bf16/fp16: the frozen models in that dtype, forwards under autocast.
+            frozen_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
+            self.patcher, clip, self.vae = load_sd3_base(args.base, frozen_dtype)
             self.base = self.patcher.model
             dm = self.base.diffusion_model
             dm.to(dist.device)
             self.depth = len(dm.joint_blocks)
-            self.teacher = load_sd3_controlnet(args.teacher, "teacher").to(dist.device).eval().requires_grad_(False)
+            self.teacher = load_sd3_controlnet(args.teacher, "teacher", frozen_dtype).to(dist.device).eval().requires_grad_(False)
             if self.teacher.hidden_size != dm.hidden_size:
                 raise ValueError(f"teacher width {self.teacher.hidden_size} does not match the base's "
                                  f"{dm.hidden_size}: the teacher was trained for another SD3 model")
             if self.teacher.pos_embed_input.proj.weight.shape[1] != 17:
                 raise ValueError("teacher: expected an inpainting ControlNet with 17 input channels (16 latent + mask), "
                                  f"found {self.teacher.pos_embed_input.proj.weight.shape[1]}")
-            self.text = TextCache(clip)
+            self.text = TextCache(clip, max_entries=args.text_cache_size, dtype=torch.float32)
             self.student = build_student(dm, self.teacher, args.layers).to(dist.device).train()
             self.t_map = rc.block_map(args.teacher_wiring, len(self.teacher.joint_blocks), self.depth)
             self.s_map = rc.block_map(args.student_wiring, args.layers, self.depth)
             self.plan = rc.alignment_plan(self.s_map, self.t_map)
             self.student_module = self.student
-            self.optimizer = torch.optim.AdamW(self.student_module.parameters(), lr=args.lr, weight_decay=0.0)
-            self.scaler = torch.amp.GradScaler(enabled=args.precision == "fp16" and dist.device.type == "cuda")
+            self.optimizer = torch.optim.AdamW(self.student_module.parameters(), lr=args.learning_rate, weight_decay=0.0)
+            self.scaler = torch.amp.GradScaler(enabled=args.mixed_precision == "fp16" and dist.device.type == "cuda")
             start = 0
             if args.resume:
                 start = self.load_checkpoint(self.store.resolve(args.resume))
@@ -147,14 +154,17 @@ class RefineControlTrainer:
         dm = self.base.diffusion_model
         from .. import engine
 
-        with engine.autocast_context(dev, args.precision):
+        with engine.autocast_context(dev, args.mixed_precision):
             with torch.no_grad():
                 f_t, r_t = controlnet_layers(self.teacher, x_t, hint, t, ctx_cn, pooled)
                 v_t = dm(x_t, t, context=ctx, y=pooled,
                          control={"output": rc.residuals_for_blocks(r_t, self.t_map)})
             f_s, r_s = controlnet_layers(self.student_module, x_t, hint, t, ctx_cn, pooled)
             v_s = dm(x_t, t, context=ctx, y=pooled, control={"output": rc.residuals_for_blocks(r_s, self.s_map)})
-        losses = {"kd_loss": rc.distillation_loss(v_s, v_t), "af_loss": rc.feature_alignment_loss(f_s, f_t, self.plan)}
+        # L_af on what is injected (residuals after the output projections) unless --af-features hidden
+        a_s, a_t = (r_s, r_t) if args.af_features == "residuals" else (f_s, f_t)
+        losses = {"kd_loss": rc.distillation_loss(v_s, v_t),
+                  "af_loss": rc.feature_alignment_loss(a_s, a_t, self.plan, args.af_normalise)}
         total = args.w_kd * losses["kd_loss"] + args.w_af * losses["af_loss"]
         if stage == 1:
             losses["task_loss"] = rc.task_loss(v_s, target, m_lat, args.alpha)
@@ -185,17 +195,17 @@ class RefineControlTrainer:
                             torch.distributed.all_reduce(p.grad)
                             p.grad /= dist.world
                 self.scaler.unscale_(self.optimizer)
-                if args.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(self.student_module.parameters(), args.grad_clip)
+                if args.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(self.student_module.parameters(), args.max_grad_norm)
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 dt = timer.lap()
                 values = {k: dist.all_reduce_mean(float(v.detach())) for k, v in losses.items()}
                 if not all(math.isfinite(v) for v in values.values()):
-                    raise FloatingPointError(f"step {step + 1}: non-finite loss {values}; lower --lr or use "
-                                             f"--precision bf16/no")
+                    raise FloatingPointError(f"step {step + 1}: non-finite loss {values}; lower --learning-rate or use "
+                                             f"--mixed-precision bf16/no")
                 if csv is not None:
-                    csv.write({"step": step + 1, "stage": stage, **values, "lr": args.lr,
+                    csv.write({"step": step + 1, "stage": stage, **values, "lr": args.learning_rate,
                                "samples_per_s": args.batch_size * dist.world / max(dt, 1e-9),
                                "elapsed_s": time.time() - t0})
                 bar.update(1)
