@@ -230,7 +230,7 @@ class RefineControl(WrappedControl):
 
     def __init__(self, inner: comfy.controlnet.ControlNet, wiring: str, balanced: bool = False,
                  granularity: str = "layer", max_lambda: float = 20.0, label: str = "RefineControl",
-                 local_context: torch.Tensor | None = None):
+                 local_context: torch.Tensor | None = None, expected_depth: int | None = None):
         if granularity not in INJECTION_GRANULARITIES:
             raise ValueError(f"granularity must be one of {INJECTION_GRANULARITIES}, got {granularity!r}")
         super().__init__(inner, label)
@@ -239,13 +239,15 @@ class RefineControl(WrappedControl):
         self.granularity = granularity
         self.max_lambda = max_lambda
         self.local_context = local_context
+        self.expected_depth = expected_depth
 
     @classmethod
     def create(cls, control_net, image, keep, strength, percent_range, vae, convention_name: str,
                wiring: str, balanced=False, granularity="layer", max_lambda=20.0, label="RefineControl",
-               local_context: torch.Tensor | None = None):
+               local_context: torch.Tensor | None = None, expected_depth: int | None = None):
         """``image`` is the already masked IMAGE; ``keep`` (B, 1, H, W) the keep channel;
-        ``local_context`` (1, L, C) the encoded local prompt for the positive rows, or None."""
+        ``local_context`` (1, L, C) the encoded local prompt for the positive rows, or None;
+        ``expected_depth`` the base depth the file says it was trained for, or None."""
         cn_model = sd3_control_model(control_net, label)
         block_map(wiring, len(cn_model.joint_blocks), len(cn_model.joint_blocks) + 1)  # validates the name
         conv = convention(convention_name)
@@ -258,7 +260,7 @@ class RefineControl(WrappedControl):
         inner.latent_format = latent_format
         extra = [keep] if inner.concat_mask else []
         inner.set_cond_hint(image, strength, percent_range, vae=vae, extra_concat=extra)
-        return cls(inner, wiring, balanced, granularity, max_lambda, label, local_context)
+        return cls(inner, wiring, balanced, granularity, max_lambda, label, local_context, expected_depth)
 
     # -- ControlBase protocol ------------------------------------------------------
     def run_chain(self, x_noisy, t, cond, batched_number, transformer_options):
@@ -301,13 +303,17 @@ class RefineControl(WrappedControl):
             raise NotSD3ControlNetError(
                 f"{self.label}: the ControlNet's width is {cn.hidden_size} but the model's is {unet.hidden_size}. "
                 f"Use a ControlNet trained for this SD3 model.")
+        if self.expected_depth is not None and self.expected_depth != len(blocks):
+            raise NotSD3ControlNetError(
+                f"{self.label}: the ControlNet was trained for an SD3 model with {self.expected_depth} transformer "
+                f"blocks (its file says so), but this model has {len(blocks)}. Use the base it was trained for.")
         self.inner.control_model.depth = len(blocks)
 
     def copy(self):
         inner = self.inner.copy()
         inner.control_model = self.inner.control_model  # core's copy keeps the reference; keep the wiring too
         c = RefineControl(inner, self.wiring, self.balanced, self.granularity, self.max_lambda, self.label,
-                          self.local_context)
+                          self.local_context, self.expected_depth)
         self.copy_to(c)
         return c
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 import comfy.controlnet
+import folder_paths
 from comfy_api.latest import io
 
 from ..model_patches.inputs import check_image, check_percent_range
@@ -22,6 +23,7 @@ from ..model_patches.refine_control import (
     masked_image,
     normalise_mask,
 )
+from ..model_patches.refine_control_files import AUTO, load_refine_control, resolve_settings
 from ..model_patches.refine_control_runtime import RefineControl, sd3_control_model
 from .common import attach_controls, node_label
 
@@ -72,10 +74,14 @@ class RefineControlInpaintApply(io.ComfyNode):
                 io.Float.Input("strength", default=1.0, min=0.0, max=10.0, step=0.01),
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001),
                 io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001),
-                io.Combo.Input("convention", options=list(CONVENTIONS), default="diffusers",
-                               tooltip=" | ".join(f"{k}: {v.description}" for k, v in CONVENTIONS.items())),
-                io.Combo.Input("wiring", options=list(BLOCK_MAPS), default="diffusers_0.29",
-                               tooltip=" | ".join(f"{k}: {v}" for k, v in BLOCK_MAP_DESCRIPTIONS.items())),
+                io.Combo.Input("convention", options=[AUTO, *CONVENTIONS], default=AUTO,
+                               tooltip="auto: what the file says (load it with Load Refine-Control Model), else "
+                                       "diffusers | " + " | ".join(f"{k}: {v.description}"
+                                                                   for k, v in CONVENTIONS.items())),
+                io.Combo.Input("wiring", options=[AUTO, *BLOCK_MAPS], default=AUTO,
+                               tooltip="auto: what the file says (load it with Load Refine-Control Model), else "
+                                       "diffusers_0.29 | " + " | ".join(f"{k}: {v}"
+                                                                        for k, v in BLOCK_MAP_DESCRIPTIONS.items())),
                 io.Combo.Input("injection", options=list(INJECTIONS), default="add",
                                tooltip="add: plain sum (core); add_inj: balanced injection f + λ·r per "
                                        "transformer block (one λ per block and row, or per token)."),
@@ -95,7 +101,7 @@ class RefineControlInpaintApply(io.ComfyNode):
 
     @classmethod
     def execute(cls, positive, negative, control_net, vae, image, mask, strength, start_percent, end_percent,
-                convention="diffusers", wiring="diffusers_0.29", injection="add", max_lambda=20.0,
+                convention=AUTO, wiring=AUTO, injection="add", max_lambda=20.0,
                 local_prompt=None) -> io.NodeOutput:
         label = node_label(cls)
         if not isinstance(control_net, comfy.controlnet.ControlBase):
@@ -113,7 +119,9 @@ class RefineControlInpaintApply(io.ComfyNode):
         check_percent_range(start_percent, end_percent, label)
         if injection not in INJECTIONS:
             raise ValueError(f"{label}: injection must be one of {list(INJECTIONS)}, got {injection!r}.")
-        conv = inpaint_convention(convention)
+        settings = resolve_settings(control_net, convention, wiring, label)
+        conv = inpaint_convention(settings.convention)
+        wiring = settings.wiring
         mask = normalise_mask(mask)
         local = _local_context(local_prompt, label)
 
@@ -133,9 +141,33 @@ class RefineControlInpaintApply(io.ComfyNode):
         def make_control():
             return RefineControl.create(control_net, hint, keep, strength, (start_percent, end_percent), vae,
                                         conv.name, wiring, balanced, granularity, max_lambda, label,
-                                        local_context=local)
+                                        local_context=local, expected_depth=settings.depth)
 
         return io.NodeOutput(*attach_controls(positive, negative, make_control))
 
 
-NODES = [RefineControlInpaintApply]
+class RefineControlLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="RefineControlLoader",
+            display_name="Load Refine-Control Model",
+            category=CATEGORY,
+            description=(
+                "Load an SD3 ControlNet from models/controlnet with ComfyUI's loader and read the convention, "
+                "wiring, layer count and base depth a `training refine-control` student stores in its file, so "
+                "that the Apply node's 'auto' choices follow them. Files without them (third-party ControlNets, "
+                "the public teacher) load as with Load ControlNet Model."
+            ),
+            inputs=[io.Combo.Input("control_net_name", options=folder_paths.get_filename_list("controlnet"))],
+            outputs=[io.ControlNet.Output()],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, control_net_name) -> io.NodeOutput:
+        path = folder_paths.get_full_path_or_raise("controlnet", control_net_name)
+        return io.NodeOutput(load_refine_control(path, node_label(cls)))
+
+
+NODES = [RefineControlInpaintApply, RefineControlLoader]

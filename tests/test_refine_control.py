@@ -583,6 +583,62 @@ def test_base_and_teacher_load_in_the_requested_dtype(dtype):
     assert {p.dtype for p in teacher.parameters()} == {dtype}
 
 
+def _with_metadata(src, dst, **changes):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with safe_open(str(src), framework="pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta.update(changes)
+    save_file(tensors, str(dst), {k: v for k, v in meta.items() if v is not None})
+    return dst
+
+
+def test_loader_reads_the_students_metadata(trained):
+    from balanced_control.model_patches import refine_control_files as rf
+    control = rf.load_refine_control(trained["out"] / "refine_control_student.safetensors")
+    assert getattr(control, rf.METADATA_ATTR) == {"convention": "diffusers", "wiring": "diffusers_0.29",
+                                                   "layers": 2, "depth": 4}
+
+
+def test_auto_follows_the_file_and_a_contradicting_choice_fails(trained, sd3_runtime, tmp_path):
+    from balanced_control.model_patches import refine_control_files as rf
+    path = _with_metadata(trained["out"] / "refine_control_student.safetensors", tmp_path / "s.safetensors",
+                          wiring="comfyui", convention="comfyui")
+    control = rf.load_refine_control(path)
+    mask = torch.zeros(1, 32, 32)
+    mask[:, 8:24, 8:24] = 1
+    ctrl = _apply(sd3_runtime, mask, control_net=control, convention="auto", wiring="auto")[0][0][1]["control"]
+    assert ctrl.wiring == "comfyui" and ctrl.inner.latent_format.shift_factor == 0.0
+    with pytest.raises(ValueError, match="wiring 'diffusers_0.29' was chosen, but the file was trained with "
+                                         "wiring 'comfyui'"):
+        _apply(sd3_runtime, mask, control_net=control, convention="auto", wiring="diffusers_0.29")
+    with pytest.raises(ValueError, match="convention 'diffusers' was chosen, but the file was trained with "
+                                         "convention 'comfyui'"):
+        _apply(sd3_runtime, mask, control_net=control, convention="diffusers", wiring="auto")
+    # a file without the metadata (or loaded by core's loader): explicit choices, auto = the defaults
+    plain = comfy.controlnet.load_controlnet(str(path))
+    ctrl = _apply(sd3_runtime, mask, control_net=plain, convention="comfyui", wiring="diffusers_0.32")[0][0][1]["control"]
+    assert ctrl.wiring == "diffusers_0.32" and ctrl.inner.latent_format.shift_factor == 0.0
+    ctrl = _apply(sd3_runtime, mask, control_net=plain, convention="auto", wiring="auto")[0][0][1]["control"]
+    assert ctrl.wiring == "diffusers_0.29" and ctrl.inner.latent_format.shift_factor == pytest.approx(0.0609)
+    third_party = _with_metadata(path, tmp_path / "t.safetensors", wiring=None, convention=None, layers=None, depth=None)
+    assert getattr(rf.load_refine_control(third_party), rf.METADATA_ATTR) == {}
+
+
+def test_the_files_depth_and_layers_are_checked(trained, sd3_runtime, tmp_path):
+    from balanced_control.model_patches import refine_control_files as rf
+    student = trained["out"] / "refine_control_student.safetensors"
+    control = rf.load_refine_control(_with_metadata(student, tmp_path / "d.safetensors", depth="24"))
+    pos, neg = _apply(sd3_runtime, torch.ones(1, 32, 32), control_net=control, convention="auto", wiring="auto")
+    with pytest.raises(ValueError, match="trained for an SD3 model with 24 transformer blocks.*this model has 4"):
+        _sample(sd3_runtime, pos, neg)
+    with pytest.raises(ValueError, match="says 12 layers but holds 2"):
+        rf.load_refine_control(_with_metadata(student, tmp_path / "l.safetensors", layers="12"))
+    with pytest.raises(ValueError, match="wiring 'sideways'"):
+        rf.load_refine_control(_with_metadata(student, tmp_path / "w.safetensors", wiring="sideways"))
+
+
 def test_trainer_rejects_dataset_without_masks(tmp_path):
     from training.refine_control.data import scan_inpaint_data
     (tmp_path / "d.jsonl").write_text(json.dumps({"image": "x.png", "prompt": "p"}))
@@ -602,7 +658,7 @@ def _eval_twin_graph(ckpt: str, cn: str, image: str, mask: str, seed: int) -> di
         return {"class_type": cls, "inputs": inputs}
     return {
         "1": node("CheckpointLoaderSimple", ckpt_name=ckpt),
-        "2": node("ControlNetLoader", control_net_name=cn),
+        "2": node("RefineControlLoader", control_net_name=cn),
         "3": node("LoadImage", image=image),
         "4": node("LoadImageMask", image=mask, channel="red"),
         "5": node("CLIPTextEncode", text="a ball", clip=["1", 1]),
@@ -610,7 +666,7 @@ def _eval_twin_graph(ckpt: str, cn: str, image: str, mask: str, seed: int) -> di
         "7": node("CLIPTextEncode", text="red ball", clip=["1", 1]),
         "8": node("RefineControlInpaintApply", positive=["5", 0], negative=["6", 0], control_net=["2", 0],
                   vae=["1", 2], image=["3", 0], mask=["4", 0], strength=1.0, start_percent=0.0, end_percent=1.0,
-                  convention="diffusers", wiring="diffusers_0.29", injection="add", max_lambda=20.0,
+                  convention="auto", wiring="auto", injection="add", max_lambda=20.0,
                   local_prompt=["7", 0]),
         "9": node("VAEEncode", pixels=["3", 0], vae=["1", 2]),
         "10": node("SetLatentNoiseMask", samples=["9", 0], mask=["4", 0]),

@@ -107,12 +107,15 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=28, help="sampling steps per image (default: 28)")
     p.add_argument("--cfg", type=float, default=7.0, help="CFG scale (default: 7)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed, the same for teacher and student (default: 0)")
-    p.add_argument("--convention", default="diffusers", choices=["diffusers", "comfyui"],
-                   help="inpainting conditioning convention both ControlNets were trained with (default: diffusers)")
-    p.add_argument("--teacher-wiring", default="diffusers_0.29",
-                   help="how the teacher's residuals reach the base blocks (default: diffusers_0.29)")
-    p.add_argument("--student-wiring", default="diffusers_0.29",
-                   help="how the student's residuals reach the base blocks (default: diffusers_0.29)")
+    p.add_argument("--convention", default="auto", choices=["auto", "diffusers", "comfyui"],
+                   help="inpainting conditioning convention; auto: what each file says, else diffusers (the "
+                        "teacher's) (default: auto)")
+    p.add_argument("--teacher-wiring", default="auto",
+                   help="how the teacher's residuals reach the base blocks; auto: what the file says, else "
+                        "diffusers_0.29 (default: auto)")
+    p.add_argument("--student-wiring", default="auto",
+                   help="how the student's residuals reach the base blocks; auto: what the file says, else "
+                        "diffusers_0.29 (default: auto)")
     p.add_argument("--timing-repeats", type=int, default=10,
                    help="timed ControlNet forwards per model for the student/teacher time ratio (default: 10)")
     p.add_argument("--output", default=None, help="write the figures as JSON here")

@@ -22,7 +22,6 @@ def run_eval(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     setup_comfy()
     extension()
-    import comfy.controlnet
     import torch
 
     records, skipped = scan_inpaint_data(args.data)
@@ -31,11 +30,11 @@ def run_eval(args) -> int:
     images_dir = Path(args.save_images) if args.save_images else None
     if images_dir is not None:
         images_dir.mkdir(parents=True, exist_ok=True)
-    nets = {"teacher": (comfy.controlnet.load_controlnet(args.teacher), args.teacher_wiring),
-            "student": (comfy.controlnet.load_controlnet(args.student), args.student_wiring)}
-    for name, (c, _) in nets.items():
-        if c is None:
-            raise ValueError(f"--{name}: ComfyUI does not recognise the file as a ControlNet")
+    from balanced_control.model_patches.refine_control_files import load_refine_control
+
+    # with the files' own metadata, so 'auto' follows a student's file and contradictions fail
+    nets = {"teacher": (load_refine_control(args.teacher, "--teacher"), args.teacher_wiring),
+            "student": (load_refine_control(args.student, "--student"), args.student_wiring)}
     scores = {k: {"psnr": [], "ssim": []} for k in nets}
     empty = 0
     for i, rec in enumerate(records):

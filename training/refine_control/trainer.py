@@ -85,6 +85,7 @@ class RefineControlTrainer:
                 out = save_student(self.student_module, self.output / f"{args.name}.safetensors", self.depth,
                                    engine.SAVE_DTYPES[args.save_dtype],
                                    {"format": "diffusers SD3ControlNetModel", "layers": args.layers,
+                                    "depth": self.depth,
                                     "convention": args.convention, "wiring": args.student_wiring,
                                     "trained_with": "ComfyUI-BalancedControl training refine-control"})
                 log.info("student saved: %s", out)
