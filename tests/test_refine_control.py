@@ -639,6 +639,41 @@ def test_the_files_depth_and_layers_are_checked(trained, sd3_runtime, tmp_path):
         rf.load_refine_control(_with_metadata(student, tmp_path / "w.safetensors", wiring="sideways"))
 
 
+def test_exported_folder_loads_in_diffusers_and_matches_comfyui(trained):
+    """The run's diffusers folder: SD3ControlNetModel.from_pretrained reads it
+    with every key used, and its residuals equal those of the single file as
+    ComfyUI's loader and the node's layer function compute them."""
+    import warnings
+    from diffusers import SD3ControlNetModel
+    from safetensors.torch import load_file
+
+    folder = trained["out"] / "refine_control_student_diffusers"
+    config = json.loads((folder / "config.json").read_text())
+    assert (config["_class_name"], config["num_layers"], config["extra_conditioning_channels"]) == \
+        ("SD3ControlNetModel", 2, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = SD3ControlNetModel.from_pretrained(str(folder), torch_dtype=torch.float32).eval()
+    file_sd = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+    assert set(model.state_dict()) == set(file_sd)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, file_sd[k].float()), k
+
+    control = comfy.controlnet.load_controlnet(str(trained["out"] / "refine_control_student.safetensors"))
+    cn = control.control_model.float()
+    g = torch.Generator().manual_seed(0)
+    x, hint = torch.randn(2, 16, 8, 8, generator=g), torch.randn(2, 17, 8, 8, generator=g)
+    ctx, t = torch.randn(2, 5, 4096, generator=g), torch.tensor([250.0, 900.0])
+    with torch.no_grad():
+        _, ours = rt.controlnet_layers(cn, x, hint, t, ctx, torch.randn(2, 2048, generator=g))
+        theirs = model(hidden_states=x, controlnet_cond=hint, conditioning_scale=1.0, encoder_hidden_states=ctx,
+                       pooled_projections=torch.zeros(2, 2048), timestep=t).controlnet_block_samples
+    assert len(theirs) == len(ours) == 2
+    assert all(r.abs().max() > 0 for r in ours)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_trainer_rejects_dataset_without_masks(tmp_path):
     from training.refine_control.data import scan_inpaint_data
     (tmp_path / "d.jsonl").write_text(json.dumps({"image": "x.png", "prompt": "p"}))

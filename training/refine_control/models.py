@@ -106,15 +106,79 @@ def base_dm_config(base_dm) -> dict:
     return cfg
 
 
-def save_student(student, path: Path, depth: int, dtype, metadata: dict) -> Path:
+def student_diffusers_state_dict(student, depth: int, dtype) -> dict:
+    """The student's weights in diffusers ``SD3ControlNetModel`` key layout, in ``dtype``."""
     from balanced_control.model_patches.refine_control_runtime import mmdit_controlnet_to_diffusers
-
-    from .. import engine
 
     sd = mmdit_controlnet_to_diffusers({k: v.detach() for k, v in student.state_dict().items()}, depth,
                                        len(student.joint_blocks))
+    return {k: v.to(dtype).contiguous() for k, v in sd.items()}
+
+
+def save_student(student, path: Path, depth: int, dtype, metadata: dict) -> Path:
+    """The single file ComfyUI's Load ControlNet Model (and RefineControlLoader) reads."""
+    from .. import engine
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    return engine.save_tensors_atomically({k: v.to(dtype) for k, v in sd.items()}, path,
+    return engine.save_tensors_atomically(student_diffusers_state_dict(student, depth, dtype), path,
                                           {k: str(v) for k, v in metadata.items()})
 
 
+def diffusers_config(student) -> dict:
+    """``config.json`` of diffusers' ``SD3ControlNetModel`` for a
+    ``comfy.cldm.mmdit.ControlNet`` (fields of ``SD3ControlNetModel.__init__``,
+    diffusers ``models/controlnets/controlnet_sd3.py``)."""
+    import torch
+
+    if getattr(student, "pos_embed", None) is None:
+        raise ValueError("diffusers export: the ControlNet has no positional-embedding table (use_pos_embed=False "
+                         "layouts are not exported)")
+    attn = student.joint_blocks[0].x_block.attn
+    heads, head_dim = int(attn.num_heads), int(attn.head_dim)
+    ln_q = attn.ln_q
+    if isinstance(ln_q, torch.nn.Identity):
+        qk_norm = None
+    elif "RMSNorm" in type(ln_q).__name__:
+        qk_norm = "rms_norm"
+    else:
+        qk_norm = "layer_norm"
+    num_patches = student.pos_embed.shape[1]
+    side = int(round(num_patches ** 0.5))
+    in_channels = int(student.in_channels)
+    return {
+        "_class_name": "SD3ControlNetModel",
+        "_diffusers_version": "0.42.1",
+        "sample_size": 128,
+        "patch_size": int(student.patch_size),
+        "in_channels": in_channels,
+        "num_layers": len(student.joint_blocks),
+        "attention_head_dim": head_dim,
+        "num_attention_heads": heads,
+        "joint_attention_dim": int(student.context_embedder.in_features),
+        "caption_projection_dim": heads * head_dim,
+        "pooled_projection_dim": int(student.y_embedder.mlp[0].in_features),
+        "out_channels": in_channels,
+        "pos_embed_max_size": side,
+        "extra_conditioning_channels": int(student.pos_embed_input.proj.weight.shape[1]) - in_channels,
+        "dual_attention_layers": [i for i, b in enumerate(student.joint_blocks) if b.x_block.x_block_self_attn],
+        "qk_norm": qk_norm,
+        "pos_embed_type": "sincos",
+        "use_pos_embed": True,
+        "force_zeros_for_pooled_projection": True,
+    }
+
+
+def save_diffusers_folder(student, folder: Path, depth: int, dtype) -> Path:
+    """A folder ``SD3ControlNetModel.from_pretrained`` reads: ``config.json`` and
+    ``diffusion_pytorch_model.safetensors`` (same tensors as the single file)."""
+    import json
+
+    from .. import engine
+
+    folder.mkdir(parents=True, exist_ok=True)
+    engine.save_tensors_atomically(student_diffusers_state_dict(student, depth, dtype),
+                                   folder / "diffusion_pytorch_model.safetensors", {"format": "pt"})
+    tmp = folder / "config.json.tmp"
+    tmp.write_text(json.dumps(diffusers_config(student), indent=2) + "\n")
+    tmp.replace(folder / "config.json")
+    return folder

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from .data import load_pair, scan_inpaint_data
-from .models import build_student, load_sd3_base, load_sd3_controlnet, save_student
+from .models import build_student, load_sd3_base, load_sd3_controlnet, save_diffusers_folder, save_student
 from .text import TextCache, stack_text
 
 log = logging.getLogger("training.refine_control")
@@ -90,6 +90,9 @@ class RefineControlTrainer:
                                     "trained_with": "ComfyUI-BalancedControl training refine-control"})
                 log.info("student saved: %s", out)
                 print(f"student: {out}")
+                folder = save_diffusers_folder(self.student_module, self.output / f"{args.name}_diffusers",
+                                               self.depth, engine.SAVE_DTYPES[args.save_dtype])
+                log.info("student for diffusers (SD3ControlNetModel.from_pretrained): %s", folder)
             dist.barrier()
             return 0
         finally:
