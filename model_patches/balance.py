@@ -38,6 +38,8 @@ __all__ = [
     "add_inj",
     "combination_weights",
     "add_com",
+    "channel_norm",
+    "reduction_memory_bytes",
 ]
 
 
@@ -53,13 +55,23 @@ def _reduce_dims(x: torch.Tensor, granularity: str) -> tuple[int, ...]:
     raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
 
 
-def mgda_coefficient(v1: torch.Tensor, v2: torch.Tensor, granularity: str = "layer") -> torch.Tensor:
+def mgda_coefficient(v1: torch.Tensor, v2: torch.Tensor, granularity: str = "layer",
+                     scale1: float = 1.0, scale2: float = 1.0) -> torch.Tensor:
     """λ* of eq. 8: ``clip((v2 - v1)ᵀ v2 / ‖v2 - v1‖², 0, 1)``, per batch row.
 
     This is Sener and Koltun's two-task MGDA step: λ* is the weight of ``v1``
     in the minimum-norm point ``λ v1 + (1 - λ) v2`` of the segment between
     the two vectors. Where a row has ``v1 == v2`` (zero rows included) every
     λ is a minimiser and λ* = 0.5 is returned.
+
+    ``scale1``/``scale2`` multiply the inputs first (λ* of ``scale1·v1`` and
+    ``scale2·v2``) without a full-size copy of either.
+
+    Memory: the fp32 temporaries are made for at most
+    ``REDUCTION_CHUNK_ELEMENTS`` elements at a time (a slice of channels), so
+    a large fp16 feature costs ``reduction_memory_bytes()`` extra, not 4-5
+    fp32 copies of itself. The chunked sums equal the one-pass sums up to fp32
+    summation order.
 
     Returns an fp32 tensor shaped ``(B, 1, ..., 1)`` (layer) or
     ``(B, 1, H, W)`` (pixel), on the inputs' device. Non-finite inputs give
@@ -70,11 +82,21 @@ def mgda_coefficient(v1: torch.Tensor, v2: torch.Tensor, granularity: str = "lay
             f"mgda_coefficient needs two tensors of one shape, got {tuple(v1.shape)} and {tuple(v2.shape)}"
         )
     dims = _reduce_dims(v1, granularity)
-    a = v1.to(torch.float32)
-    b = v2.to(torch.float32)
-    diff = b - a
-    num = (diff * b).sum(dim=dims, keepdim=True)
-    den = diff.square().sum(dim=dims, keepdim=True)
+    num = den = None
+    # fp32 copies of a bounded slice of channels at a time (see REDUCTION_CHUNK_ELEMENTS).
+    for c0, c1 in _channel_chunks(v1):
+        a = v1[:, c0:c1].to(torch.float32)
+        b = v2[:, c0:c1].to(torch.float32)
+        if scale1 != 1.0:
+            a = a * scale1
+        if scale2 != 1.0:
+            b = b * scale2
+        diff = b - a
+        n_part = (diff * b).sum(dim=dims, keepdim=True)
+        d_part = diff.square().sum(dim=dims, keepdim=True)
+        num = n_part if num is None else num + n_part
+        den = d_part if den is None else den + d_part
+        del a, b, diff
     degenerate = den == 0
     lam = num / torch.where(degenerate, torch.ones_like(den), den)
     lam = torch.where(degenerate, torch.full_like(lam, 0.5), lam)
@@ -119,8 +141,11 @@ def add_inj_with_lambda(f_e: torch.Tensor, f_c: torch.Tensor, max_lambda: float 
     return torch.addcmul(f_e, lam.to(f_e.dtype), f_c.to(f_e.dtype)), lam
 
 
-def combination_weights(features: Sequence[torch.Tensor], granularity: str = "layer") -> list[torch.Tensor]:
-    """The fp32 weights ``w_i`` with which ``add_com`` mixes ``features``.
+def combination_weights(features: Sequence[torch.Tensor], granularity: str = "layer",
+                        scales: Sequence[float] | None = None) -> list[torch.Tensor]:
+    """The fp32 weights ``w_i`` with which ``add_com`` mixes ``features``
+    (of ``scales[i]·features[i]`` when ``scales`` is given: the weights at
+    another strength, without scaled copies).
 
     N = 1: ``[1]``.
 
@@ -171,19 +196,49 @@ def combination_weights(features: Sequence[torch.Tensor], granularity: str = "la
             )
     if n == 1:
         return [torch.ones(_weight_shape(first, granularity), dtype=torch.float32, device=first.device)]
+    k = [1.0] * n if scales is None else [float(v) for v in scales]
     if n == 2:
-        lam = mgda_coefficient(features[0], features[1], granularity)
+        lam = mgda_coefficient(features[0], features[1], granularity, k[0], k[1])
         return [1.0 - lam, lam]
     wins = [None] * n  # P_i
     for i in range(n):
         for j in range(i + 1, n):
-            lam = mgda_coefficient(features[i], features[j], granularity)  # s(j|i)
+            lam = mgda_coefficient(features[i], features[j], granularity, k[i], k[j])  # s(j|i)
             wins[j] = lam if wins[j] is None else wins[j] * lam
             wins[i] = (1.0 - lam) if wins[i] is None else wins[i] * (1.0 - lam)
     total = sum(wins)
     uniform = torch.full_like(total, 1.0 / n)
     safe_total = torch.where(total > 0, total, torch.ones_like(total))
     return [torch.where(total > 0, p / safe_total, uniform) for p in wins]
+
+
+# Elements of one fp32 temporary in the chunked reductions (mgda_coefficient,
+# channel_norm): 2**21 elements = 8 MiB; at most four live at once.
+REDUCTION_CHUNK_ELEMENTS = 1 << 21
+
+
+def reduction_memory_bytes() -> int:
+    """Upper bound of the extra memory the chunked reductions use at a time."""
+    return 4 * 4 * REDUCTION_CHUNK_ELEMENTS
+
+
+def _channel_chunks(x: torch.Tensor):
+    """(start, stop) ranges of channels whose slices hold at most
+    ``REDUCTION_CHUNK_ELEMENTS`` elements (at least one channel each)."""
+    channels = x.shape[1]
+    per_channel = max(x.numel() // max(channels, 1), 1)
+    step = max(REDUCTION_CHUNK_ELEMENTS // per_channel, 1)
+    return [(c, min(c + step, channels)) for c in range(0, channels, step)]
+
+
+def channel_norm(x: torch.Tensor) -> torch.Tensor:
+    """fp32 ``‖x‖`` over channels, shaped ``(B, ...)`` without the channel dim,
+    computed over bounded channel slices (no full fp32 copy of ``x``)."""
+    total = None
+    for c0, c1 in _channel_chunks(x):
+        part = x[:, c0:c1].to(torch.float32).square().sum(dim=1)
+        total = part if total is None else total + part
+    return total.sqrt()
 
 
 def _weight_shape(x: torch.Tensor, granularity: str) -> tuple[int, ...]:

@@ -52,6 +52,7 @@ from .controlnext_arch import (
     cross_normalize,
 )
 from .inputs import check_image, check_percent_range
+from .unet_patches import prepend_model_patch
 
 log = logging.getLogger(__name__)
 
@@ -692,11 +693,9 @@ def apply_controlnext(model, weights: ControlNeXtWeights, image: torch.Tensor, s
     to = m.model_options.setdefault("transformer_options", {})
     prev = to.get(STACK_KEY)
     to[STACK_KEY] = ControlNeXtStack((prev.controls if prev else ()) + (control,), combine)
-    patches = to.get("patches", {})
-    if input_block_patch_after_skip not in patches.get("input_block_patch_after_skip", []):
-        m.set_model_input_block_patch_after_skip(input_block_patch_after_skip)
-    if output_block_patch not in patches.get("output_block_patch", []):
-        m.set_model_output_block_patch(output_block_patch)
+    # First in the lists, where core adds its controls: before FreeU, Deep Shrink and other patches.
+    prepend_model_patch(m, input_block_patch_after_skip, "input_block_patch_after_skip")
+    prepend_model_patch(m, output_block_patch, "output_block_patch")
     if not m.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY):
         m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, apply_model_wrapper)
     return m

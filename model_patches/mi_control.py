@@ -9,21 +9,26 @@ only:
    T2I-Adapter, ...) and runs it *alone* (no previous control) so that its
    residuals stay un-summed.
 2. In ``get_control`` it applies its own strength and mask, then hands the
-   residuals to the ``BalancedInjection`` of this model call, which lives in
-   the call's ``transformer_options`` (a fresh dict the sampler builds for
-   every model call). The first minimal-impact control of a call creates it
-   and registers, on that dict only, an ``input_block_patch``, an
-   ``output_block_patch`` and a ``DIFFUSION_MODEL`` wrapper.
+   residuals to the ``BalancedInjection`` of this model call
+   (``mi_injection``), which lives in the call's ``transformer_options`` (a
+   fresh dict the sampler builds for every model call). The first
+   minimal-impact control of a call creates it and registers, on that dict
+   only and *first* in each list, an ``input_block_patch``, an
+   ``output_block_patch``, a ``middle_block_after_patch`` (where the runtime
+   has one) and a ``DIFFUSION_MODEL`` wrapper.
 3. It returns the previous controls' result unchanged, so core controls in
    the same chain keep their plain sums and are added by the UNet as usual.
+   The UNet feature f_e that add^inj balances against therefore already
+   includes the core ControlNets' residuals of that layer.
 4. In the UNet, the patches combine the residuals of all minimal-impact
    controls per layer with add^com and inject them into the skip features
-   (``output`` residuals), the middle-block output (``middle``, at the first
-   output block, where ``h`` is the middle output) and the input-block
-   outputs (``input``, T2I-Adapters) with add^inj.
-5. The wrapper runs after the UNet forward: it raises on non-finite
-   residuals (one device sync per forward, not one per layer) and stores the
-   balance record that ``MIControlNetBalanceMap`` draws.
+   (``output`` residuals), the middle-block output (``middle``) and the
+   input-block outputs (``input``, T2I-Adapters) with add^inj, where core
+   adds its own controls: before FreeU, Deep Shrink and other patches.
+5. The wrapper runs after the UNet forward: it raises on non-finite values
+   (one device read per forward), warns once about residuals skipped for a
+   size mismatch, and stores the balance record that
+   ``MIControlNetBalanceMap`` draws.
 
 Nothing is stored on the model or in ComfyUI's modules, so a graph without
 these controls runs exactly as before, and nothing survives a model call.
@@ -38,10 +43,10 @@ from typing import Any
 import torch
 
 import comfy.controlnet
-import comfy.patcher_extension
 import comfy.utils
 
-from .balance import GRANULARITIES, add_inj_with_lambda, combination_weights, weighted_sum
+from .balance import GRANULARITIES, reduction_memory_bytes
+from .mi_injection import INACTIVE_KEY, INJECTION_KEY, WRAPPER_KEY, BalancedInjection, BalanceRecord  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +59,14 @@ MODE_DESCRIPTIONS = {
 
 # Key in model_options["transformer_options"] set by the MIControlNetSettings node.
 SETTINGS_KEY = "balanced_control_settings"
-# Key in the per-call transformer_options holding the BalancedInjection.
-INJECTION_KEY = "balanced_control_injection"
-WRAPPER_KEY = "balanced_control"
+# How a control's strength enters the balancing (MIControlNetSettings' strength_scaling).
+STRENGTH_SCALINGS = ("paper", "linear")
+STRENGTH_SCALING_DESCRIPTIONS = {
+    "paper": "the residuals are scaled by the strength before add^com and add^inj, as in the paper and in "
+             "core: strength also moves the weights and λ, so the effect is strongly non-linear",
+    "linear": "weights and λ are computed at strength 1 and the control's term is then scaled by its "
+              "strength: a single control's injected term is proportional to its strength",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +75,7 @@ class BalanceSettings:
     granularity: str = "layer"
     max_lambda: float = 20.0
     record_balance: bool = True
+    strength_scaling: str = "paper"
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -73,6 +84,8 @@ class BalanceSettings:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
         if not self.max_lambda >= 0:
             raise ValueError(f"max_lambda must be >= 0, got {self.max_lambda}")
+        if self.strength_scaling not in STRENGTH_SCALINGS:
+            raise ValueError(f"strength_scaling must be one of {STRENGTH_SCALINGS}, got {self.strength_scaling!r}")
 
     @classmethod
     def from_transformer_options(cls, transformer_options: dict) -> "BalanceSettings":
@@ -145,228 +158,17 @@ def check_control_fits_model(control: comfy.controlnet.ControlBase, model, label
 
 
 # --------------------------------------------------------------------------
-# per-call injection
+# per-call injection (model_patches/mi_injection.py)
 # --------------------------------------------------------------------------
 
 
-class BalanceRecord:
-    """What the last recorded model call did, per layer, for the balance map.
-
-    ``layers`` is a list of dicts in UNet order:
-    ``{"layer": "input 3" | "middle" | "output 5 skip", "controls": [labels],
-    "weights": [fp32 (B,1,h,w) or (B,1,1,1)], "magnitudes": [fp32 (B,h,w)],
-    "feature_magnitude": fp32 (B,h,w), "injected_magnitude": fp32 (B,h,w),
-    "injection_lambda": fp32 (B,1,h,w) or (B,1,1,1)}``, all on the CPU, and
-    ``cond_or_uncond`` labels each chunk of rows (0 = positive, 1 = negative).
-    """
-
-    def __init__(self, settings: BalanceSettings, cond_or_uncond: list[int], sigma: float | None):
-        self.settings = settings
-        self.cond_or_uncond = list(cond_or_uncond)
-        self.sigma = sigma
-        self.layers: list[dict] = []
-
-    def rows_of(self, label: int, batch: int) -> list[int]:
-        """Row indices of chunk ``label`` in a batch of ``batch`` rows."""
-        chunks = max(len(self.cond_or_uncond), 1)
-        per = batch // chunks
-        rows = []
-        for j, lab in enumerate(self.cond_or_uncond):
-            if lab == label:
-                rows.extend(range(j * per, (j + 1) * per))
-        return rows
-
-
-class _ControlEntry:
-    __slots__ = ("label", "lists", "control")
-
-    def __init__(self, label: str, control_dict: dict, control):
-        self.label = label
-        self.control = control
-        # Copy the lists: the blocks pop from them like core's apply_control.
-        self.lists = {k: list(v) for k, v in control_dict.items() if isinstance(v, (list, tuple))}
-
-    def pop(self, key: str):
-        lst = self.lists.get(key)
-        if lst:
-            return lst.pop()
-        return None
-
-
-class BalancedInjection:
-    """Collects the minimal-impact residuals of one model call and injects them."""
-
-    def __init__(self, settings: BalanceSettings, transformer_options: dict):
-        self.settings = settings
-        self.entries: list[_ControlEntry] = []
-        self.cond_or_uncond = list(transformer_options.get("cond_or_uncond", [0]))
-        self._finite_checks: list[tuple[str, str, torch.Tensor]] = []
-        self.record: BalanceRecord | None = None
-        if settings.record_balance and _is_last_step(transformer_options):
-            sigma = transformer_options.get("sigmas")
-            sigma = float(sigma.flatten()[0]) if isinstance(sigma, torch.Tensor) and sigma.numel() else None
-            self.record = BalanceRecord(settings, self.cond_or_uncond, sigma)
-
-    # -- registration --------------------------------------------------------
-    @classmethod
-    def for_call(cls, transformer_options: dict) -> "BalancedInjection":
-        inj = transformer_options.get(INJECTION_KEY)
-        if inj is not None:
-            return inj
-        inj = cls(BalanceSettings.from_transformer_options(transformer_options), transformer_options)
-        transformer_options[INJECTION_KEY] = inj
-        # Replace (never mutate) the nested containers: they may be shared with
-        # model_options, and this registration must end with the call.
-        patches = dict(transformer_options.get("patches", {}))
-        patches["input_block_patch"] = list(patches.get("input_block_patch", [])) + [inj.input_block_patch]
-        patches["output_block_patch"] = list(patches.get("output_block_patch", [])) + [inj.output_block_patch]
-        transformer_options["patches"] = patches
-        wrappers = dict(transformer_options.get("wrappers", {}))
-        by_type = dict(wrappers.get(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, {}))
-        by_type[WRAPPER_KEY] = list(by_type.get(WRAPPER_KEY, [])) + [inj.diffusion_model_wrapper]
-        wrappers[comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL] = by_type
-        transformer_options["wrappers"] = wrappers
-        return inj
-
-    def add(self, label: str, control_dict: dict, control) -> None:
-        taken = {e.label for e in self.entries}
-        unique, k = label, 2
-        while unique in taken:  # two controls with one label would share a colour in the map
-            unique, k = f"{label} ({k})", k + 1
-        self.entries.append(_ControlEntry(unique, control_dict, control))
-
-    # -- UNet patches ------------------------------------------------------------
-    def input_block_patch(self, h, transformer_options):
-        block = transformer_options.get("block", ("input", -1))
-        return self._inject(h, "input", f"input {block[1]}")
-
-    def output_block_patch(self, h, hsp, transformer_options):
-        block = transformer_options.get("block", ("output", -1))
-        if block[1] == 0:
-            # At the first output block h is the middle-block output (after
-            # core's own middle control): the place of the paper's middle injection.
-            h = self._inject(h, "middle", "middle")
-        hsp = self._inject(hsp, "output", f"output {block[1]} skip")
-        return h, hsp
-
-    def diffusion_model_wrapper(self, executor, *args, **kwargs):
-        out = executor(*args, **kwargs)
-        self.finish()
-        return out
-
-    # -- core ----------------------------------------------------------------------
-    def _take(self, key: str) -> list[tuple[str, torch.Tensor]]:
-        items = []
-        for e in self.entries:
-            r = e.pop(key)
-            if r is not None:
-                items.append((e.label, r))
-        return items
-
-    def _inject(self, feature: torch.Tensor, key: str, layer: str) -> torch.Tensor:
-        items = self._take(key)
-        if not items:
-            return feature
-        residuals = []
-        for label, r in items:
-            if r.shape[1:] != feature.shape[1:] or r.shape[0] not in (1, feature.shape[0]):
-                raise ValueError(
-                    f"{label}: its residual for UNet layer '{layer}' has shape {tuple(r.shape)} but the "
-                    f"model's feature there has shape {tuple(feature.shape)}. The ControlNet was made for "
-                    f"another base model; use one of the model's family."
-                )
-            r = r.to(device=feature.device, dtype=feature.dtype)
-            if r.shape[0] != feature.shape[0]:
-                r = r.expand_as(feature)
-            # One fp32 reduction per residual (no elementwise temporaries); read once per forward in finish().
-            self._finite_checks.append((label, layer, torch.isfinite(r.sum(dtype=torch.float32))))
-            residuals.append(r)
-
-        s = self.settings
-        if s.mode == "vanilla":
-            combined = residuals[0]
-            for r in residuals[1:]:
-                combined = combined + r
-            weights = None
-        else:
-            # The weights are computed once, for the combination and the record alike.
-            many = len(residuals) > 1
-            weights = combination_weights(residuals, s.granularity) if many or self.record is not None else None
-            combined = weighted_sum(residuals, weights) if many else residuals[0]
-        if s.mode == "micontrolnet":
-            out, lam = add_inj_with_lambda(feature, combined, s.max_lambda, s.granularity)
-        else:
-            out, lam = feature + combined, None
-
-        if self.record is not None:
-            self._record_layer(layer, [lab for lab, _ in items], residuals, weights, feature, combined, lam)
-        return out
-
-    def _record_layer(self, layer, labels, residuals, weights, feature, combined, lam):
-        n = len(residuals)
-        ones = torch.ones(_batch_ones(feature), dtype=torch.float32, device=feature.device)
-        if weights is None:
-            weights = [ones] * n
-        if lam is None:
-            lam = ones
-        mags = [(w * r.float()).norm(dim=1) for w, r in zip(weights, residuals)]
-        self.record.layers.append({
-            "layer": layer,
-            "controls": labels,
-            "weights": [w.detach().cpu() for w in weights],
-            "magnitudes": [m.detach().cpu() for m in mags],
-            "feature_magnitude": feature.float().norm(dim=1).detach().cpu(),
-            "injected_magnitude": (lam * combined.float()).norm(dim=1).detach().cpu(),
-            "injection_lambda": lam.detach().cpu(),
-        })
-
-    def finish(self) -> None:
-        """After the UNet forward: fail loudly on non-finite residuals, publish the record."""
-        if self._finite_checks:
-            flags = torch.stack([f for _, _, f in self._finite_checks])
-            if not bool(flags.all()):  # one device sync per forward
-                bad = [(lab, layer) for (lab, layer, _), ok in zip(self._finite_checks, flags.tolist()) if not ok]
-                label, layer = bad[0]
-                more = f" (and {len(bad) - 1} more layer(s))" if len(bad) > 1 else ""
-                raise FloatingPointError(
-                    f"{label}: its residual for UNet layer '{layer}'{more} holds NaN or Inf, which would make "
-                    f"the balancing weights NaN. Check the ControlNet file and its dtype (an fp16 ControlNet "
-                    f"can overflow at high strength), or lower the strength."
-                )
-        self._finite_checks.clear()
-        leftover = [e.label for e in self.entries if any(e.lists.values())]
-        if leftover:
-            log.warning("MIControlNet: residuals left unused by the UNet for %s; the control has more "
-                        "layers than the model", ", ".join(leftover))
-        if self.record is not None:
-            for e in self.entries:
-                prev = e.control.last_balance_record
-                # cond and uncond may run in separate calls on the last step: keep the one with the positive rows.
-                if prev is None or prev.sigma != self.record.sigma or 0 in self.record.cond_or_uncond:
-                    e.control.last_balance_record = self.record
-
-
-def _batch_ones(x: torch.Tensor) -> tuple[int, ...]:
-    return (x.shape[0],) + (1,) * (x.ndim - 1)
-
-
-def _is_last_step(transformer_options: dict) -> bool:
-    """True on the final sampling step (the record the balance map shows).
-
-    ``sample_sigmas`` is set by ComfyUI's sampler; without it every step counts."""
-    sigmas = transformer_options.get("sample_sigmas")
-    current = transformer_options.get("sigmas")
-    if not isinstance(sigmas, torch.Tensor) or not isinstance(current, torch.Tensor) or sigmas.numel() < 2:
-        return True
-    sigmas = sigmas.flatten()
-    positive = sigmas > 0
-    last_index = (torch.arange(sigmas.numel(), device=sigmas.device) * positive).argmax()
-    # One device read for all three numbers: this runs before every model call.
-    any_positive, last, now = torch.stack([positive.any().to(torch.float64), sigmas[last_index].to(torch.float64),
-                                           current.flatten()[0].to(sigmas.device, torch.float64)]).tolist()
-    if not any_positive:
-        return True
-    return abs(now - last) <= 1e-4 * max(abs(last), 1e-8)
+def injection_for_call(transformer_options: dict) -> BalancedInjection:
+    """The call's BalancedInjection; the first minimal-impact control of a call creates and registers it."""
+    inj = transformer_options.get(INJECTION_KEY)
+    if inj is None:
+        inj = BalancedInjection(BalanceSettings.from_transformer_options(transformer_options), transformer_options)
+        inj.register(transformer_options)
+    return inj
 
 
 # --------------------------------------------------------------------------
@@ -428,6 +230,7 @@ class MinimalImpactControl(WrappedControl):
         self.mask = mask
         self.last_balance_record: BalanceRecord | None = None
         self._mask_cache: dict[tuple, torch.Tensor] = {}
+        self.run_stats = _RunStats()
 
     @classmethod
     def create(cls, control_net, hint, strength, percent_range, vae=None, mask=None, label="MIControlNet"):
@@ -439,11 +242,20 @@ class MinimalImpactControl(WrappedControl):
     # -- ControlBase protocol --------------------------------------------------------
     def get_control(self, x_noisy, t, cond, batched_number, transformer_options):
         own, control_prev = self.run_chain(x_noisy, t, cond, batched_number, transformer_options)
+        stats = self.run_stats
+        stats.calls += 1
+        stats.record_balance = BalanceSettings.from_transformer_options(transformer_options).record_balance
         if own is not None:
+            stats.active_calls += 1
+            if 0 in transformer_options.get("cond_or_uncond", [0]):
+                stats.positive_active_calls += 1
             if self.mask is not None:
                 own = {k: [self._apply_mask(r, batched_number) if r is not None else None for r in v]
                        for k, v in own.items()}
-            BalancedInjection.for_call(transformer_options).add(self.label, own, self)
+            injection_for_call(transformer_options).add(self.label, own, self)
+        else:
+            # Outside its start/end range on this call: named as inactive in the balance map.
+            transformer_options[INACTIVE_KEY] = list(transformer_options.get(INACTIVE_KEY, [])) + [self.label]
         # Core controls of the chain keep their plain sum.
         return control_prev
 
@@ -465,8 +277,13 @@ class MinimalImpactControl(WrappedControl):
 
     def pre_run(self, model, percent_to_timestep_function):
         self.last_balance_record = None
+        self.run_stats = _RunStats()
         super().pre_run(model, percent_to_timestep_function)
         check_control_fits_model(self.inner, model, self.label)
+
+    def inference_memory_requirements(self, dtype):
+        # The chunked fp32 reductions of add^com / add^inj and the balance record (balance.py).
+        return super().inference_memory_requirements(dtype) + reduction_memory_bytes()
 
     def cleanup(self):
         self._mask_cache.clear()
@@ -489,16 +306,59 @@ def iter_chain(control) -> list:
     return out
 
 
-def find_balance_record(conditioning: list) -> BalanceRecord | None:
-    """The most recent balance record of the minimal-impact controls on a conditioning."""
+@dataclasses.dataclass
+class _RunStats:
+    """What a control saw in the current sampling run (for the balance map's error)."""
+    calls: int = 0
+    active_calls: int = 0
+    positive_active_calls: int = 0
+    record_balance: bool | None = None
+
+
+def _minimal_impact_controls(conditioning: list) -> list["MinimalImpactControl"]:
+    out = []
     for _, extra in conditioning:
         for c in iter_chain(extra.get("control")):
-            rec = getattr(c, "last_balance_record", None)
-            if isinstance(c, MinimalImpactControl) and rec is not None:
-                return rec
-    return None
+            if isinstance(c, MinimalImpactControl) and c not in out:
+                out.append(c)
+    return out
 
 
-def settings_dict(mode: str, granularity: str, max_lambda: float, record_balance: bool = True) -> dict[str, Any]:
+def find_balance_record(conditioning: list) -> BalanceRecord | None:
+    """The most recent balance record (the last model call a minimal-impact
+    control took part in) of the controls on a conditioning, on the CPU."""
+    records = [c.last_balance_record for c in _minimal_impact_controls(conditioning)
+               if c.last_balance_record is not None]
+    if not records:
+        return None
+    return max(records, key=lambda r: r.seq).to_cpu()
+
+
+def explain_missing_record(conditioning: list) -> str:
+    """Why ``find_balance_record`` found nothing, in words a user can act on."""
+    controls = _minimal_impact_controls(conditioning)
+    if not controls:
+        return ("this conditioning carries no minimal-impact control: connect the positive conditioning that "
+                "went through MIControlNetApply (the one given to the sampler).")
+    if all(c.run_stats.calls == 0 for c in controls):
+        return ("its minimal-impact controls were never called by a sampler: give this conditioning to the "
+                "sampler, and the sampler's LATENT output to 'samples' so that this node runs after it.")
+    if any(c.run_stats.record_balance is False for c in controls):
+        return "record_balance is off in MIControlNetSettings on the sampled model; turn it on."
+    if all(c.run_stats.active_calls == 0 for c in controls):
+        ranges = ", ".join(f"{c.label} {c.timestep_percent_range[0]:g}-{c.timestep_percent_range[1]:g}"
+                           for c in controls)
+        return (f"no minimal-impact control was active on any model call of the run: no sampling step fell "
+                f"inside their start/end percent ranges ({ranges}). Widen a range, or check the sampler's "
+                f"start/end steps.")
+    if all(c.run_stats.positive_active_calls == 0 for c in controls):
+        return ("the controls were active only in model calls without positive rows (negative conditioning "
+                "only); the map shows the positive rows. Attach the controls to the positive conditioning.")
+    return "the controls ran, but no model call finished (was the run interrupted?)."
+
+
+def settings_dict(mode: str, granularity: str, max_lambda: float, record_balance: bool = True,
+                  strength_scaling: str = "paper") -> dict[str, Any]:
     """Validated settings in the form stored in model_options."""
-    return dataclasses.asdict(BalanceSettings(mode, granularity, float(max_lambda), bool(record_balance)))
+    return dataclasses.asdict(BalanceSettings(mode, granularity, float(max_lambda), bool(record_balance),
+                                              strength_scaling=strength_scaling))

@@ -17,13 +17,25 @@ from ..model_patches.mi_control import (
     MODE_DESCRIPTIONS,
     MODES,
     SETTINGS_KEY,
+    STRENGTH_SCALING_DESCRIPTIONS,
+    STRENGTH_SCALINGS,
     MinimalImpactControl,
+    explain_missing_record,
     find_balance_record,
     settings_dict,
 )
 from .common import attach_controls, node_label
 
 CATEGORY = "conditioning/controlnet/balanced"
+
+# Measured on two SD1.5 ControlNets at 128 px (docs/micontrolnet.md has the method).
+STRENGTH_TOOLTIP = (
+    "Scales this control's residuals. With the default strength_scaling 'paper' the effect is strongly "
+    "non-linear: under add^com the strength also moves the weights (control A's weight 0.21 / 0.50 / 0.80 at "
+    "strength 0.5 / 1 / 2 against B at 1), and under add^inj λ ≈ ‖f_c‖²/‖f_e‖², so a single control's "
+    "injected term grows about with the cube of its strength until λ reaches max_lambda. "
+    "strength_scaling 'linear' (MIControlNetSettings) makes the injected term proportional to the strength."
+)
 
 
 def _normalise_mask(mask: torch.Tensor | None, what: str) -> torch.Tensor | None:
@@ -48,14 +60,17 @@ class MIControlNetApply(io.ComfyNode):
                 "Apply a ControlNet whose residuals are balanced with the other minimal-impact controls "
                 "on the same conditioning: combined per layer with add^com and injected into the UNet "
                 "with add^inj (MIControlNet), so the silent parts of one control do not suppress another. "
-                "Core ControlNets in the same chain keep their plain sum."
+                "Core ControlNets in the same chain keep their plain sum, and they are part of the UNet "
+                "feature f_e that add^inj balances against: λ is about 1 for a control alone, about 0.5 beside "
+                "an unrelated core ControlNet, and about 0.02 when the same ControlNet is also applied "
+                "through core. Runs where core adds its controls, before FreeU, Deep Shrink and other patches."
             ),
             inputs=[
                 io.Conditioning.Input("positive"),
                 io.Conditioning.Input("negative"),
                 io.ControlNet.Input("control_net"),
                 io.Image.Input("image", tooltip="The control image (edges, pose, depth...); resized to the latent like core hints."),
-                io.Float.Input("strength", default=1.0, min=0.0, max=10.0, step=0.01),
+                io.Float.Input("strength", default=1.0, min=0.0, max=10.0, step=0.01, tooltip=STRENGTH_TOOLTIP),
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001),
                 io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001),
                 io.Vae.Input("vae", optional=True, tooltip="Only for ControlNets that take a VAE-encoded hint."),
@@ -105,14 +120,18 @@ class MIControlNetSettings(io.ComfyNode):
                 io.Float.Input("max_lambda", default=20.0, min=0.0, max=1000.0, step=0.1,
                                tooltip="Upper clip of the add^inj weight λ = λ*/(1-λ*)."),
                 io.Boolean.Input("record_balance", default=True,
-                                 tooltip="Keep the last step's weights for MIControlNetBalanceMap."),
+                                 tooltip="Keep the weights of the last model call the minimal-impact controls "
+                                         "took part in, for MIControlNetBalanceMap."),
+                io.Combo.Input("strength_scaling", options=list(STRENGTH_SCALINGS), default="paper", optional=True,
+                               tooltip="How a control's strength enters the balancing. "
+                                       + " ".join(f"{k}: {d}." for k, d in STRENGTH_SCALING_DESCRIPTIONS.items())),
             ],
             outputs=[io.Model.Output()],
         )
 
     @classmethod
-    def execute(cls, model, mode, granularity, max_lambda, record_balance) -> io.NodeOutput:
-        settings = settings_dict(mode, granularity, max_lambda, record_balance)
+    def execute(cls, model, mode, granularity, max_lambda, record_balance, strength_scaling="paper") -> io.NodeOutput:
+        settings = settings_dict(mode, granularity, max_lambda, record_balance, strength_scaling=strength_scaling)
         m = model.clone()
         m.model_options.setdefault("transformer_options", {})[SETTINGS_KEY] = settings
         return io.NodeOutput(m)
@@ -127,27 +146,29 @@ class MIControlNetBalanceMap(io.ComfyNode):
             category=CATEGORY,
             description=(
                 "Show, per UNet layer and location, how much each minimal-impact control and the UNet "
-                "feature contributed on the last sampling step: dominance colours per control, the "
-                "control/UNet share of the injected feature, and the λ values."
+                "feature contributed on the last model call the controls took part in (positive rows of the "
+                "main pass, not a PAG/SAG guidance pass): dominance colours per control, the control/UNet "
+                "share of the injected feature, and the λ values. One image per latent of the batch."
             ),
             inputs=[
                 io.Conditioning.Input("positive", tooltip="The positive conditioning that went into the sampler."),
                 io.Latent.Input("samples", tooltip="The sampler's output; makes this node run after sampling."),
-                io.Int.Input("cell_size", default=64, min=16, max=512, step=8),
+                io.Int.Input("cell_size", default=64, min=16, max=512, step=8,
+                             tooltip="Width of a map cell in pixels; its height follows the latent's aspect ratio."),
+                io.Int.Input("batch_index", default=-1, min=-1, max=4095, optional=True,
+                             tooltip="Which latent of the batch to draw; -1 draws every latent (one image each)."),
             ],
             outputs=[io.Image.Output(display_name="balance_map")],
         )
 
     @classmethod
-    def execute(cls, positive, samples, cell_size) -> io.NodeOutput:
+    def execute(cls, positive, samples, cell_size, batch_index=-1) -> io.NodeOutput:
         record = find_balance_record(positive)
         if record is None:
-            raise ValueError(
-                "MIControlNetBalanceMap: no balance was recorded for this conditioning. Connect the positive "
-                "conditioning that went through MIControlNetApply into the sampler, and the sampler's LATENT "
-                "output to 'samples'; check that record_balance is on in MIControlNetSettings."
-            )
-        return io.NodeOutput(render_balance_map(record, cell=cell_size))
+            raise ValueError("MIControlNetBalanceMap: no balance was recorded for this conditioning: "
+                             + explain_missing_record(positive))
+        return io.NodeOutput(render_balance_map(record, cell=cell_size,
+                                                batch_index=None if batch_index < 0 else batch_index))
 
 
 NODES = [MIControlNetApply, MIControlNetSettings, MIControlNetBalanceMap]

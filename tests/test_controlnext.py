@@ -21,6 +21,7 @@ import comfy.supported_models as sm
 
 from balanced_control.model_patches import controlnext as cx
 from balanced_control.model_patches.balance import add_com
+from balanced_control.model_patches.unet_patches import prepend_model_patch
 from headless import synthetic as syn
 
 from controlnext_reference import (
@@ -114,10 +115,11 @@ class Recorder:
 def patched_with_recorder(model, *controls, combine="add_com"):
     rec = Recorder()
     m = model.clone()
-    m.set_model_input_block_patch_after_skip(rec.pre_input)
-    m.set_model_output_block_patch(rec.pre_output)
     for weights, image, kwargs in controls:
         m = cx.apply_controlnext(m, weights, image, combine=combine, **kwargs)
+    # ControlNeXt puts its patches first in the lists; the "before" recorders go in front of them.
+    prepend_model_patch(m, rec.pre_input, "input_block_patch_after_skip")
+    prepend_model_patch(m, rec.pre_output, "output_block_patch")
     m.set_model_input_block_patch_after_skip(rec.post_input)
     m.set_model_output_block_patch(rec.post_output)
     return m, rec
