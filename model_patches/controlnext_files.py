@@ -338,6 +338,13 @@ def model_family(model) -> str:
     return type(cfg).__name__ if cfg is not None else type(getattr(model, "model", model)).__name__
 
 
+def base_weight(model_patcher, key: str, model_sd: dict) -> torch.Tensor:
+    """The model's own weight at ``key``, without any patch currently applied
+    (a loaded model holds patched weights, the originals are in its backup)."""
+    bk = getattr(model_patcher, "backup", {}).get(key)
+    return bk.weight if bk is not None else model_sd[key]
+
+
 def injection_channels(variant: Variant, unet_config: dict) -> int:
     mc = unet_config["model_channels"]
     mult = unet_config["channel_mult"]

@@ -30,7 +30,8 @@ import torch
 
 import comfy.utils
 
-from .controlnext_files import ControlNeXtWeights, Variant, model_family, unet_mode_from_metadata
+from .controlnext_files import ControlNeXtWeights, Variant, base_weight, model_family, unet_mode_from_metadata
+from .controlnext_svd_unet import convert_svd_unet, full_unet_patches
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +57,6 @@ def place_unet_tensors(unet_sd: dict, variant: Variant, model, name: str = "unet
     ``comfy.utils.unet_to_diffusers``; ComfyUI (SGM) names are taken as they
     are. Raises when a tensor has no place in the model or a shape differs
     (ComfyUI would ignore or only log those)."""
-    if variant.unet_file == "full":
-        raise ValueError(
-            f"ControlNeXt {variant.title}: {name} holds {len(unet_sd)} tensors, but the {variant.title} UNet is a "
-            f"full model: give the whole UNet file (official unet.bin / unet_fp16.bin, or a ComfyUI UNet) as "
-            f"unet_file, or load a ComfyUI-format UNet with the core 'Load Diffusion Model' (UNETLoader) node and "
-            f"leave unet_file empty.")
     unet_config = model.model.model_config.unet_config
     to_comfy = comfy.utils.unet_to_diffusers(unet_config)
     model_sd = model.model.state_dict()
@@ -95,13 +90,6 @@ def place_unet_tensors(unet_sd: dict, variant: Variant, model, name: str = "unet
             f"{describe_unet_file(unet_sd)}; the {variant.title} variant needs the UNet subset released with it, "
             f"for the {variant.family} model it is applied to.")
     return placed
-
-
-def base_weight(model_patcher, key: str, model_sd: dict) -> torch.Tensor:
-    """The model's own weight at ``key``, without any patch currently applied
-    (a loaded model holds patched weights, the originals are in its backup)."""
-    bk = getattr(model_patcher, "backup", {}).get(key)
-    return bk.weight if bk is not None else model_sd[key]
 
 
 def decide_unet_mode(placed: dict, model_patcher, name: str, metadata: dict | None = None) -> tuple[str, str]:
@@ -169,6 +157,14 @@ def unet_weight_patches(weights_or_sd, variant: Variant, model, name: str = "une
         unet_sd, name, mode, metadata = w.unet_sd, w.unet_name or name, w.unet_weights, w.unet_metadata
     else:
         unet_sd = weights_or_sd
+    if variant.unet_file == "full":
+        # The official SVD UNets are whole fine-tuned models (reference §5.3): absolute weights.
+        placed = convert_svd_unet(unet_sd, model, name)
+        if mode == "difference":
+            return {k: (v,) for k, v in placed.items()}, mode
+        log.info("ControlNeXt: %s is a full %s UNet (%d tensors); the model's UNet is replaced by it.", name,
+                 variant.family, len(placed))
+        return full_unet_patches(placed, model), "absolute"
     placed = place_unet_tensors(unet_sd, variant, model, name)
     if mode == "auto":
         mode, why = decide_unet_mode(placed, model, name, metadata)

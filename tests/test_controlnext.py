@@ -619,7 +619,8 @@ def test_unknown_file_type_is_refused(tmp_path):
         cx.ControlNeXtWeights.from_files(path)
 
 
-def test_svd_unet_file_points_to_unet_loader(svd_model):
+def test_svd_unet_file_must_be_a_full_unet(svd_model):
     w = weights_for("svd_v2", unet_sd={"x": torch.zeros(1)}, unet_name="unet.bin")
-    with pytest.raises(ValueError, match="UNETLoader"):
+    with pytest.raises(ValueError, match="unet.bin is not a full SVD UNet") as e:
         cx.apply_controlnext(svd_model, w, torch.rand(1, 64, 64, 3))
+    assert "['x']" in str(e.value) and "missing from the file" in str(e.value)
