@@ -5,7 +5,7 @@ arXiv 2408.06070, and the released model classes' configurations). The
 parameter names reproduce the official state-dict keys, so the released files
 load with ``load_state_dict(strict=True)``.
 
-Three module layouts exist (one ``ModuleConfig`` each):
+Four module layouts exist (one ``ModuleConfig`` each):
 
 * ``CONFIG_320``: stem + 2 ResNet stages, 320-channel output
   (SDXL, SD1.5-Training, SVD-v2; 52 tensors). SVD-v2's stem has unpadded
@@ -14,6 +14,8 @@ Three module layouts exist (one ``ModuleConfig`` each):
   1280-channel output and a learned ``scale`` (SD1.5 released; 51 tensors).
 * ``CONFIG_SVD_V1``: unpadded stem with a max-pool, 3 stages, 1280-channel
   output and a learned ``scale`` (SVD v1; 65 tensors).
+* ``CONFIG_SDXL_EARLY``: the SVD v1 layout without ``scale`` (the first SDXL
+  module, before 2024-08-10; 64 tensors).
 
 All operations act on each batch row independently (GroupNorm is per sample),
 so running the module on a subset of rows gives exactly those rows of a full
@@ -111,6 +113,9 @@ CONFIG_320 = ModuleConfig("320", "padded", (128, 128), (128, 256), (4, 8), True,
 CONFIG_320_SVD = dataclasses.replace(CONFIG_320, name="320-svd", stem="unpadded")
 CONFIG_SD15 = ModuleConfig("sd15", None, (3, 128, 256), (128, 256, 256), (1, 8, 8), False, 1280, True)
 CONFIG_SVD_V1 = ModuleConfig("svd-v1", "unpadded_maxpool", (128, 128, 256), (128, 256, 256), (4, 8, 8), True, 1280, True)
+# The first SDXL module (ControlNeXt-SDXL/models/controlnet.py at commit d1d16da, L355-437): the SVD v1
+# layout with a plain ``scale = 1`` instead of a learned one (64 tensors).
+CONFIG_SDXL_EARLY = dataclasses.replace(CONFIG_SVD_V1, name="sdxl-early", learned_scale=False)
 
 
 def _stem(kind: str) -> nn.Sequential:

@@ -16,6 +16,7 @@ from ..model_patches.controlnext import (
     COMBINE_MODES,
     FOLDER_NAME,
     UNCOND_MODES,
+    UNET_WEIGHT_MODES,
     ControlNeXtWeights,
     apply_controlnext,
 )
@@ -50,30 +51,40 @@ class ControlNeXtLoader(io.ComfyNode):
             display_name="Load ControlNeXt",
             category=CATEGORY,
             description=(
-                "Load an official ControlNeXt control module (SDXL, SD1.5, SD1.5-Training, SVD v1/v2; "
-                ".safetensors, or .bin/.pth read without code execution) from models/controlnext, and "
-                "optionally the UNet subset released with it (SDXL: attn2.to_out weight differences; SD1.5: "
-                "absolute weights). The variant is resolved from the file, and for the modules with shared "
-                "keys from the model it is applied to."
+                "Load an official ControlNeXt control module (SDXL, the first SDXL module, SD1.5, "
+                "SD1.5-Training, SVD v1/v2; .safetensors, or .bin/.pth read without code execution) from "
+                "models/controlnext, and optionally the UNet weights released with it (a subset of attention "
+                "output projections, as differences or absolute weights; for SVD the full UNet). The variant "
+                "is resolved from the file, and for the modules with shared keys from the model it is "
+                "applied to."
             ),
             inputs=[
                 io.Combo.Input("control_file", options=files,
                                tooltip="The control module (often named controlnet.safetensors or controlnext.bin)."),
                 io.Combo.Input("unet_file", options=[NO_UNET] + files, default=NO_UNET, optional=True,
-                               tooltip="The UNet subset released with the module (often unet.safetensors). "
-                                       "A full SVD UNet is loaded with 'Load Diffusion Model' instead."),
+                               tooltip="The UNet weights released with the module (often unet.safetensors): a "
+                                       "subset for SD1.5/SDXL; for SVD the full official UNet (unet.bin, "
+                                       "finetune/unet_fp16.bin; diffusers keys are converted)."),
+                io.Combo.Input("unet_weights", options=list(UNET_WEIGHT_MODES), default="auto", optional=True,
+                               tooltip="How the UNet subset is applied: 'difference' adds it (W + ΔW); "
+                                       "'absolute' makes the weights equal to the file's (applied as a "
+                                       "difference to the model, so LoRAs keep their effect); 'auto' reads it "
+                                       "from this project's export metadata, or else compares every tensor "
+                                       "with the model's weight and logs the choice. The file name is never "
+                                       "used."),
             ],
             outputs=[ControlNeXtType.Output(display_name="controlnext")],
         )
 
     @classmethod
-    def execute(cls, control_file, unet_file=NO_UNET) -> io.NodeOutput:
+    def execute(cls, control_file, unet_file=NO_UNET, unet_weights="auto") -> io.NodeOutput:
         control_path = folder_paths.get_full_path_or_raise(FOLDER_NAME, control_file)
         unet_path = None
         if unet_file and unet_file != NO_UNET:
             unet_path = folder_paths.get_full_path_or_raise(FOLDER_NAME, unet_file)
         bar = comfy.utils.ProgressBar(2)
-        weights = ControlNeXtWeights.from_files(control_path, unet_path, progress=lambda: bar.update(1))
+        weights = ControlNeXtWeights.from_files(control_path, unet_path, progress=lambda: bar.update(1),
+                                                unet_weights=unet_weights)
         return io.NodeOutput(weights)
 
 
@@ -103,9 +114,13 @@ class ControlNeXtApply(io.ComfyNode):
                                tooltip="How ControlNeXt controls that meet at one injection point combine "
                                        "(the newest Apply node decides): add^com (balanced) or a plain sum."),
                 io.Combo.Input("uncond", options=list(UNCOND_MODES), default="variant default", optional=True,
-                               tooltip="Control on the unconditional rows: the variant's training (applied for "
-                                       "SD1.5/SDXL, zeroed for SVD), always applied, or always zeroed."),
-                io.Mask.Input("mask", optional=True, tooltip="Limits the control to a region (1 = full effect)."),
+                               tooltip="Control on the unconditional rows of CFG: 'variant default' as the "
+                                       "official pipelines run it (SD1.5/SDXL: as on cond rows; SVD v2: zero; "
+                                       "SVD v1: sigmoid(0)·1.3 = 0.65 × strength, cond rows sigmoid(scale)·1.3 "
+                                       "× strength), 'apply' (as on cond rows) or 'zero'."),
+                io.Mask.Input("mask", optional=True,
+                              tooltip="Limits the control to a region (1 = full effect): one mask for every "
+                                      "latent, or one per latent of the batch (per video frame for SVD)."),
             ],
             outputs=[io.Model.Output()],
             hidden=[io.Hidden.unique_id],

@@ -190,8 +190,11 @@ mid_convs.1.weight [1280,256,1,1]
 mid_convs.1.bias [1280]
 """
 
-OFFICIAL_KEYS = {"320": KEYS_320, "sd15": KEYS_SD15, "svd_v1": KEYS_SVD_V1}
-OFFICIAL_PARAMS = {"320": 3_526_400, "sd15": 5_352_327, "svd_v1": 5_610_177}
+# The first SDXL module (commit d1d16da) has the SVD v1 keys without ``scale``.
+KEYS_SDXL_EARLY = "\n".join(line for line in KEYS_SVD_V1.splitlines() if not line.startswith("scale "))
+
+OFFICIAL_KEYS = {"320": KEYS_320, "sd15": KEYS_SD15, "svd_v1": KEYS_SVD_V1, "sdxl_early": KEYS_SDXL_EARLY}
+OFFICIAL_PARAMS = {"320": 3_526_400, "sd15": 5_352_327, "svd_v1": 5_610_177, "sdxl_early": 5_610_176}
 
 
 def official_shapes(layout: str) -> dict[str, tuple[int, ...]]:
@@ -230,6 +233,7 @@ REFERENCE_LAYOUTS = {
     "svd_v2": (0, (4, 8), True, False),
     "sd15": (None, (1, 8, 8), False, False),
     "svd_v1": (0, (4, 8, 8), True, True),
+    "sdxl_early": (0, (4, 8, 8), True, True),
 }
 
 
@@ -280,12 +284,14 @@ def reference_module(sd: dict, variant: str, image: torch.Tensor, timesteps: tor
 
 
 REFERENCE_INJECTION = {
-    # eps, statistics before pooling, fixed scale, scale rule
-    "sdxl": (1e-12, True, 1.0, None),
-    "sd15_training": (1e-12, False, 1.0, None),
-    "svd_v2": (1e-5, True, 0.2, None),
-    "sd15": (1e-12, False, 1.0, "learned"),
-    "svd_v1": (1e-5, True, 1.0, "sigmoid"),
+    # eps, statistics before pooling, fixed scale, scale rule, uncond rows under CFG
+    "sdxl": (1e-12, True, 1.0, None, "apply"),
+    "sd15_training": (1e-12, False, 1.0, None, "apply"),
+    "svd_v2": (1e-5, True, 0.2, None, "zero"),
+    "sd15": (1e-12, False, 1.0, "learned", "apply"),
+    # the official pipeline zeroes the raw scale of the uncond half, the UNet then takes sigmoid(scale)·1.3
+    "svd_v1": (1e-5, True, 1.0, "sigmoid", "raw scale zeroed"),
+    "sdxl_early": (1e-12, False, 1.0, None, "apply"),
 }
 
 
@@ -297,14 +303,27 @@ def _row_stats(x):
     return mean.view(-1, 1, 1, 1), std.view(-1, 1, 1, 1)
 
 
-def reference_injection(variant: str, sd: dict, h: torch.Tensor, control: torch.Tensor, strength: float):
-    """h + s·Pool(CrossNorm(control)) (or CrossNorm(Pool(control))), per row."""
-    eps, before_pool, fixed, rule = REFERENCE_INJECTION[variant]
+def reference_scale(variant: str, sd: dict, strength: float, uncond: bool = False) -> float:
+    """The scale of a cond row, or of an uncond row of a CFG batch."""
+    _, _, fixed, rule, uncond_rule = REFERENCE_INJECTION[variant]
+    if uncond and uncond_rule == "zero":
+        return 0.0
+    raw = 0.0 if uncond and uncond_rule == "raw scale zeroed" else float(sd.get("scale", torch.tensor(1.0)))
     s = strength * fixed
     if rule == "learned":
-        s *= float(sd["scale"])
+        s *= raw
     elif rule == "sigmoid":
-        s *= 1.3 / (1.0 + math.exp(-float(sd["scale"])))
+        s *= 1.3 / (1.0 + math.exp(-raw))
+    return s
+
+
+def reference_injection(variant: str, sd: dict, h: torch.Tensor, control: torch.Tensor, strength: float,
+                        uncond_rows: int = 0):
+    """h + s·Pool(CrossNorm(control)) (or CrossNorm(Pool(control))), per row;
+    the first ``uncond_rows`` rows take the uncond scale."""
+    eps, before_pool = REFERENCE_INJECTION[variant][:2]
+    s = torch.full((h.shape[0], 1, 1, 1), reference_scale(variant, sd, strength), dtype=torch.float64)
+    s[:uncond_rows] = reference_scale(variant, sd, strength, uncond=True)
     c = control.to(torch.float64)
     if not before_pool:
         c = F.adaptive_avg_pool2d(c, h.shape[-2:])

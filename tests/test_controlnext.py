@@ -33,7 +33,8 @@ from controlnext_reference import (
 )
 
 CPU = torch.device("cpu")
-LAYOUT_OF = {"sdxl": "320", "sd15_training": "320", "svd_v2": "320", "sd15": "sd15", "svd_v1": "svd_v1"}
+LAYOUT_OF = {"sdxl": "320", "sd15_training": "320", "svd_v2": "320", "sd15": "sd15", "svd_v1": "svd_v1",
+             "sdxl_early": "sdxl_early"}
 
 # SD1.5 family: 320 channels at level 0, 1280 at the bottom (one res-block middle);
 # attention at level 0 only (transformer_depth_output is consumed from its end).
@@ -42,6 +43,7 @@ SD15_CNX_UNET = dict(syn.TINY_UNET, model_channels=320, channel_mult=[1, 4], tra
 # SDXL family: conv_in width 320, attention at level 1 and in the middle.
 SDXL_CNX_UNET = dict(syn.TINY_SDXL_UNET, model_channels=320, channel_mult=[1, 2], num_res_blocks=[1, 1],
                      transformer_depth=[0, 1], transformer_depth_output=[0, 0, 1, 1], transformer_depth_middle=1)
+SDXL_EARLY_CNX_UNET = dict(SDXL_CNX_UNET, channel_mult=[1, 4])
 SVD_CNX_UNET = {
     "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
     "num_classes": "sequential", "adm_in_channels": 768, "in_channels": 8, "model_channels": 320,
@@ -72,14 +74,22 @@ def svd_model():
     return _patcher(model)
 
 
+@pytest.fixture(scope="module")
+def sdxl_wide_model():
+    """SDXL family with 1280 channels at the bottom (the first SDXL module injects on the middle block)."""
+    return _patcher(syn.build_sdxl_unet_model(SDXL_EARLY_CNX_UNET, seed=6))
+
+
 def model_for(variant, request):
+    if variant == "sdxl_early":
+        return request.getfixturevalue("sdxl_wide_model")
     family = cx.VARIANTS[variant].family
     return request.getfixturevalue({"SD1.5": "sd15_model", "SDXL": "sdxl_model", "SVD": "svd_model"}[family])
 
 
-def weights_for(variant, seed=0, unet_sd=None, unet_name=None):
+def weights_for(variant, seed=0, unet_sd=None, unet_name=None, unet_weights="auto"):
     return cx.ControlNeXtWeights(synthetic_state_dict(LAYOUT_OF[variant], seed), f"{variant}.safetensors",
-                                 unet_sd, unet_name)
+                                 unet_sd, unet_name, unet_weights)
 
 
 class Recorder:
@@ -155,7 +165,7 @@ def sigmas_for(variant):
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("layout", ["320", "sd15", "svd_v1"])
+@pytest.mark.parametrize("layout", ["320", "sd15", "svd_v1", "sdxl_early"])
 @pytest.mark.parametrize("fmt", ["fp32.safetensors", "fp16.safetensors", "fp32.bin", "fp16.pth"])
 def test_official_files_load(tmp_path, layout, fmt):
     dtype = torch.float16 if fmt.startswith("fp16") else torch.float32
@@ -175,7 +185,8 @@ def test_official_files_load(tmp_path, layout, fmt):
         assert {k: tuple(v.shape) for k, v in got.items()} == official_shapes(layout)
         for k, v in sd.items():
             assert torch.equal(got[k], v.to(torch.float32)), k
-    expected_candidates = {"320": {"sdxl", "sd15_training", "svd_v2"}, "sd15": {"sd15"}, "svd_v1": {"svd_v1"}}
+    expected_candidates = {"320": {"sdxl", "sd15_training", "svd_v2"}, "sd15": {"sd15"}, "svd_v1": {"svd_v1"},
+                           "sdxl_early": {"sdxl_early"}}
     assert {v.key for v in w.candidates} == expected_candidates[layout]
 
 
@@ -268,13 +279,14 @@ def test_injection_lands_at_documented_block_and_matches_reference(variant, requ
     if v.family == "SVD":
         assert torch.allclose(t, 0.25 * sigma[:1].log())
     control = reference_module(sd, variant, hint, t)
-    expected = reference_injection(variant, sd, h, control.expand(2, -1, -1, -1), strength)
+    # Row 0 is uncond: it takes the variant's uncond scale (SVD v2 zero, SVD v1 sigmoid(0)·1.3).
+    expected = reference_injection(variant, sd, h, control.expand(2, -1, -1, -1), strength, uncond_rows=1)
     got = rec.after[documented]
-    if v.zero_uncond:  # rows 0 are uncond: zeroed as trained
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4), (got - expected).abs().max()
+    if variant == "svd_v2":
         assert torch.equal(got[:1], h[:1])
-        assert torch.allclose(got[1:], expected[1:], rtol=1e-4, atol=1e-4)
     else:
-        assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4), (got - expected).abs().max()
+        assert not torch.allclose(got[:1], h[:1], atol=1e-3)
     assert not torch.allclose(got[1:], h[1:], atol=1e-3)
     assert rec.calls[-1].module_evaluations == 1
 
@@ -450,18 +462,23 @@ def test_sdxl_weight_difference_round_trip(sdxl_model):
 
 def test_sd15_absolute_weights_round_trip(sd15_model):
     absolute = _to_out_sd(SD15_CNX_DIFFUSERS_TO_OUT, 320, seed=32, dtype=torch.float32)
-    w = weights_for("sd15_training", seed=33, unet_sd=absolute, unet_name="unet.safetensors")
+    w = weights_for("sd15_training", seed=33, unet_sd=absolute, unet_name="unet.safetensors",
+                    unet_weights="absolute")
     original = {k: v.clone() for k, v in sd15_model.model.state_dict().items()}
     m = cx.apply_controlnext(sd15_model, w, torch.rand(1, 64, 64, 3))
     assert len(m.patches) == 12
     m.patch_model(device_to=CPU)
     try:
         patched = m.model.state_dict()
+        # Absolute weights are applied as W_file − W_base ("diff" patches, which keep LoRAs): equal up to rounding.
         key = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_out.0.weight"
-        assert torch.equal(patched[key],
-                           absolute["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0.weight"])
+        assert torch.allclose(patched[key],
+                              absolute["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0.weight"],
+                              rtol=0, atol=1e-6)
         key = "diffusion_model.output_blocks.3.1.transformer_blocks.0.attn2.to_out.0.bias"
-        assert torch.equal(patched[key], absolute["up_blocks.1.attentions.1.transformer_blocks.0.attn2.to_out.0.bias"])
+        assert torch.allclose(patched[key],
+                              absolute["up_blocks.1.attentions.1.transformer_blocks.0.attn2.to_out.0.bias"],
+                              rtol=0, atol=1e-6)
     finally:
         m.unpatch_model(device_to=CPU)
     for k, v in sd15_model.model.state_dict().items():
@@ -502,16 +519,18 @@ def test_official_unet_subsets_map_onto_full_size_models():
     sdxl_names = _official_sdxl_unet_names()
     assert len(sdxl_names) == 140 and sum(math.prod(v.shape) for v in sdxl_names.values()) == 102_483_200
     sd15 = _patcher(sm.SD15(copy.deepcopy(syn.SD15_UNET)).get_model({}, device=torch.device("meta")))
-    patches, kind = cx.unet_weight_patches(sd15_names, cx.VARIANTS["sd15"], sd15, "unet.safetensors")
-    assert kind == "set" and len(patches) == 64
+    patches, kind = cx.unet_weight_patches(sd15_names, cx.VARIANTS["sd15"], sd15, "unet.safetensors",
+                                           mode="difference")
+    assert kind == "difference" and len(patches) == 64
     assert "diffusion_model.output_blocks.11.1.transformer_blocks.0.attn2.to_out.0.weight" in patches
     sdxl_full = dict(syn.SD15_UNET, num_classes="sequential", adm_in_channels=2816, context_dim=2048,
                      num_res_blocks=[2, 2, 2], channel_mult=[1, 2, 4], transformer_depth=[0, 0, 2, 2, 10, 10],
                      transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10], transformer_depth_middle=10,
                      use_linear_in_transformer=True)
     sdxl = _patcher(sm.SDXL(copy.deepcopy(sdxl_full)).get_model({}, device=torch.device("meta")))
-    patches, kind = cx.unet_weight_patches(sdxl_names, cx.VARIANTS["sdxl"], sdxl, "unet.safetensors")
-    assert kind == "diff" and len(patches) == 140
+    patches, kind = cx.unet_weight_patches(sdxl_names, cx.VARIANTS["sdxl"], sdxl, "unet.safetensors",
+                                           mode="difference")
+    assert kind == "difference" and len(patches) == 140
     assert "diffusion_model.input_blocks.8.1.transformer_blocks.9.attn2.to_out.0.weight" in patches
     assert all(len(p) == 1 for p in patches.values())
 
@@ -602,7 +621,8 @@ def test_unknown_file_type_is_refused(tmp_path):
         cx.ControlNeXtWeights.from_files(path)
 
 
-def test_svd_unet_file_points_to_unet_loader(svd_model):
+def test_svd_unet_file_must_be_a_full_unet(svd_model):
     w = weights_for("svd_v2", unet_sd={"x": torch.zeros(1)}, unet_name="unet.bin")
-    with pytest.raises(ValueError, match="UNETLoader"):
+    with pytest.raises(ValueError, match="unet.bin is not a full SVD UNet") as e:
         cx.apply_controlnext(svd_model, w, torch.rand(1, 64, 64, 3))
+    assert "['x']" in str(e.value) and "missing from the file" in str(e.value)

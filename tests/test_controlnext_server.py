@@ -33,7 +33,7 @@ def _sd15_small_unet_subset(seed: int) -> dict:
     for diffusers_name, comfy_name in comfy.utils.unet_to_diffusers(syn.SD15_UNET_SMALL).items():
         if ".to_out.0." in diffusers_name:
             w = unet[comfy_name]
-            out[diffusers_name] = (w + 0.05 * torch.randn(w.shape, generator=g)).to(torch.float16)
+            out[diffusers_name] = (w + 0.01 * torch.randn(w.shape, generator=g)).to(torch.float16)
     return out
 
 
@@ -59,6 +59,9 @@ def server(tmp_path_factory, small_sd15_files):
     safetensors.torch.save_file(_sd15_small_unet_subset(41), str(cnx_dir / "controlnext_sd15_unet.safetensors"))
     # A ControlNet put into the ControlNeXt folder by mistake.
     copy_model(small_sd15_files["controlnets"][1], cnx_dir, "wrong_folder_controlnet.safetensors")
+    # An interrupted download: the first half of a module file.
+    whole = (cnx_dir / "controlnext_sd15.safetensors").read_bytes()
+    (cnx_dir / "truncated_controlnext.safetensors").write_bytes(whole[: len(whole) // 2])
     (base / "input").mkdir(parents=True, exist_ok=True)
     _png(base / "input" / "controlnext_control.png", 0)
     _png(base / "input" / "controlnet_control.png", 3)
@@ -130,6 +133,22 @@ def test_wrong_file_fails_with_a_clear_error(server):
         server.run(prompt, timeout=600)
     assert "not a ControlNeXt control module" in str(e.value)
     assert "looks like a ControlNet" in str(e.value)
+
+
+def test_truncated_file_names_it_and_says_what_to_do(server):
+    prompt = api_prompt(server, "controlnext_sd15")
+    loader = next(n for n in prompt.values() if n["class_type"] == "ControlNeXtLoader")
+    loader["inputs"]["control_file"] = "truncated_controlnext.safetensors"
+    with pytest.raises(RuntimeError) as e:
+        server.run(prompt, timeout=600)
+    msg = str(e.value)
+    assert "truncated_controlnext.safetensors" in msg and "damaged or incomplete" in msg
+    assert "Download the file again" in msg
+
+
+def test_unet_subset_auto_decision_is_logged(server):
+    server.run(api_prompt(server, "controlnext_sd15"), timeout=600)
+    assert "controlnext_sd15_unet.safetensors applied as absolute weights" in server.log_text()
 
 
 @pytest.mark.parametrize("name", NAMES)

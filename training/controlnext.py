@@ -34,8 +34,9 @@ models/controlnext):
   NAME.safetensors              the control module (official key layout)
   NAME_unet.safetensors         the UNet subset as absolute weights, or
   NAME_unet_delta.safetensors   the UNet subset as W_trained - W_base
-The loader applies SDXL UNet files as differences, and SD1.5 files as absolute
-weights unless the file name contains 'delta', 'diff' or 'increa'.
+Both files carry their kind and the training strength in their metadata: the
+loader applies the UNet file as written (difference or absolute) and uses the
+training strength as the module's default scale (SD1.5).
 
 Multi-GPU / multi-node: torchrun --nproc_per_node 8 -m training controlnext ...
 --batch-size is per rank; the global batch is batch-size x ranks x
@@ -64,11 +65,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "trained. 'none' trains the module only (default: attn2\\.to_out for SDXL, to_out for SD1.5)")
     g.add_argument("--unet-weights", default="auto", choices=["auto", "delta", "absolute"],
                    help="write the UNet subset as W_trained - W_base (delta, transfers across bases of the family) "
-                        "or as absolute weights. The loader applies SDXL files as differences, so SDXL needs delta "
+                        "or as absolute weights; the file's metadata tells the loader which "
                         "(default: auto = delta for SDXL, absolute for SD1.5, as the official releases)")
     g.add_argument("--strength", type=float, default=1.0,
-                   help="scale of the injected control while training; use the same strength in Apply ControlNeXt "
-                        "(the official SD1.5 canny run used 0.35) (default: 1)")
+                   help="scale of the injected control while training (the official SD1.5 canny run used 0.35). "
+                        "An SD1.5 export stores it as the module's default scale (Apply ControlNeXt strength 1 "
+                        "reproduces it); for SDXL use the same strength in Apply ControlNeXt (default: 1)")
 
     g = p.add_argument_group("data")
     g.add_argument("--data", required=True, help="dataset folder (images/, conditions/) or JSONL file")
