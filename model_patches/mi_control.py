@@ -41,7 +41,7 @@ import comfy.controlnet
 import comfy.patcher_extension
 import comfy.utils
 
-from .balance import GRANULARITIES, add_inj_with_lambda, combination_weights, weighted_sum
+from .balance import GRANULARITIES, LAMBDA_CONVENTIONS, add_inj_with_lambda, combination_weights, weighted_sum
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,7 @@ class BalanceSettings:
     granularity: str = "layer"
     max_lambda: float = 20.0
     record_balance: bool = True
+    lambda_convention: str = "as_written"  # balance.injection_coefficient
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -73,6 +74,8 @@ class BalanceSettings:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
         if not self.max_lambda >= 0:
             raise ValueError(f"max_lambda must be >= 0, got {self.max_lambda}")
+        if self.lambda_convention not in LAMBDA_CONVENTIONS:
+            raise ValueError(f"lambda_convention must be one of {LAMBDA_CONVENTIONS}, got {self.lambda_convention!r}")
 
     @classmethod
     def from_transformer_options(cls, transformer_options: dict) -> "BalanceSettings":
@@ -294,7 +297,7 @@ class BalancedInjection:
             weights = combination_weights(residuals, s.granularity) if many or self.record is not None else None
             combined = weighted_sum(residuals, weights) if many else residuals[0]
         if s.mode == "micontrolnet":
-            out, lam = add_inj_with_lambda(feature, combined, s.max_lambda, s.granularity)
+            out, lam = add_inj_with_lambda(feature, combined, s.max_lambda, s.granularity, s.lambda_convention)
         else:
             out, lam = feature + combined, None
 
@@ -499,6 +502,8 @@ def find_balance_record(conditioning: list) -> BalanceRecord | None:
     return None
 
 
-def settings_dict(mode: str, granularity: str, max_lambda: float, record_balance: bool = True) -> dict[str, Any]:
+def settings_dict(mode: str, granularity: str, max_lambda: float, record_balance: bool = True,
+                  lambda_convention: str = "as_written") -> dict[str, Any]:
     """Validated settings in the form stored in model_options."""
-    return dataclasses.asdict(BalanceSettings(mode, granularity, float(max_lambda), bool(record_balance)))
+    return dataclasses.asdict(BalanceSettings(mode, granularity, float(max_lambda), bool(record_balance),
+                                              lambda_convention=lambda_convention))
