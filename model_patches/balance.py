@@ -30,9 +30,19 @@ from typing import Sequence
 import torch
 
 GRANULARITIES = ("layer", "pixel")
+# How eq. 9's λ* is read; see ``injection_coefficient``.
+LAMBDA_CONVENTIONS = ("as_written", "mgda_weight_of_control")
+LAMBDA_CONVENTION_DESCRIPTIONS = {
+    "as_written": "eqs. 8-10 literally: λ* is the MGDA weight of the UNet feature f_e, λ = λ*/(1-λ*); "
+                  "a zero control gets λ = 0 (no gradient), small residuals are damped",
+    "mgda_weight_of_control": "λ* is the MGDA weight of the control f_c, λ = λ*/(1-λ*) keeps f_e's "
+                              "coefficient at 1 (Appendix E); a zero control gets λ = max_lambda",
+}
 
 __all__ = [
     "GRANULARITIES",
+    "LAMBDA_CONVENTIONS",
+    "injection_coefficient",
     "mgda_coefficient",
     "injection_lambda",
     "add_inj",
@@ -114,30 +124,68 @@ def injection_lambda(lam_star: torch.Tensor, max_lambda: float = 20.0) -> torch.
     return (lam_star / (1.0 - lam_star)).clamp(0.0, float(max_lambda))
 
 
+def _check_convention(lambda_convention: str) -> None:
+    if lambda_convention not in LAMBDA_CONVENTIONS:
+        raise ValueError(f"lambda_convention must be one of {LAMBDA_CONVENTIONS}, got {lambda_convention!r}")
+
+
+def injection_coefficient(f_e: torch.Tensor, f_c: torch.Tensor, max_lambda: float = 20.0,
+                          granularity: str = "layer", lambda_convention: str = "as_written") -> torch.Tensor:
+    """add^inj's λ (fp32, per row or per row and location) under one reading of eqs. 8-10.
+
+    The paper is ambiguous here. Eq. 8 is Sener and Koltun's closed form for
+    the MGDA weight of its first vector, v1 = f_e; eq. 9 then injects
+    ``f_e + λ f_c`` with λ = λ*/(1 - λ*), which is "the min-norm point
+    γ_e f_e + γ_c f_c rescaled so that f_e's coefficient is 1" (Appendix E)
+    only if λ* is γ_c, the weight of v2 = f_c. The two readings:
+
+    * ``as_written``: λ* = ``mgda_coefficient(f_e, f_c)`` (= γ_e), eqs. 8-10
+      literally. A zero control (f_c = 0) gives λ* = 0, λ = 0 and no gradient
+      to the ControlNet; for a residual r orthogonal to f_e, λ ≈ ‖r‖²/‖f_e‖²
+      (small residuals are damped), and residuals larger than f_e are
+      amplified up to ``max_lambda``.
+    * ``mgda_weight_of_control``: λ* = ``mgda_coefficient(f_c, f_e)`` (= γ_c
+      = 1 - γ_e, clipping included). The opposite: a zero control gives
+      λ* = 1, λ = ``max_lambda`` (so a zero-initialised ControlNet gets a
+      gradient at once); small residuals are amplified (λ ≈ ‖f_e‖²/‖r‖², up to
+      the clip) and large ones damped.
+
+    Both give λ = 1 where f_e = f_c (the degenerate λ* = 0.5)."""
+    _check_convention(lambda_convention)
+    if lambda_convention == "as_written":
+        lam_star = mgda_coefficient(f_e, f_c, granularity)
+    else:
+        lam_star = mgda_coefficient(f_c, f_e, granularity)
+    return injection_lambda(lam_star, max_lambda)
+
+
 def add_inj(
     f_e: torch.Tensor,
     f_c: torch.Tensor,
     max_lambda: float = 20.0,
     granularity: str = "layer",
+    lambda_convention: str = "as_written",
 ) -> torch.Tensor:
     """Balanced injection ``f_e + λ·f_c`` (eqs. 9-10).
 
     ``f_e`` is the UNet feature (a skip connection or the middle-block
-    output), ``f_c`` the control residual for that layer. λ* is
-    ``mgda_coefficient(f_e, f_c)`` and λ = λ*/(1-λ*) clipped to
-    ``[0, max_lambda]``. A silent control (``f_c = 0``) gives λ* = 0, so the
+    output), ``f_c`` the control residual for that layer, λ is
+    ``injection_coefficient`` under ``lambda_convention``. As written (the
+    default), λ* = ``mgda_coefficient(f_e, f_c)`` and λ = λ*/(1-λ*) clipped to
+    ``[0, max_lambda]``: a silent control (``f_c = 0``) gives λ* = 0, so the
     UNet feature passes unchanged; a control that dominates the feature is
     amplified up to ``max_lambda``.
 
     The result has ``f_e``'s dtype and device.
     """
-    return add_inj_with_lambda(f_e, f_c, max_lambda, granularity)[0]
+    return add_inj_with_lambda(f_e, f_c, max_lambda, granularity, lambda_convention)[0]
 
 
 def add_inj_with_lambda(f_e: torch.Tensor, f_c: torch.Tensor, max_lambda: float = 20.0,
-                        granularity: str = "layer") -> tuple[torch.Tensor, torch.Tensor]:
+                        granularity: str = "layer",
+                        lambda_convention: str = "as_written") -> tuple[torch.Tensor, torch.Tensor]:
     """``add_inj``'s result and the fp32 λ it used (for the balance record)."""
-    lam = injection_lambda(mgda_coefficient(f_e, f_c, granularity), max_lambda)
+    lam = injection_coefficient(f_e, f_c, max_lambda, granularity, lambda_convention)
     return torch.addcmul(f_e, lam.to(f_e.dtype), f_c.to(f_e.dtype)), lam
 
 

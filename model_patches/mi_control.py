@@ -45,7 +45,7 @@ import torch
 import comfy.controlnet
 import comfy.utils
 
-from .balance import GRANULARITIES, reduction_memory_bytes
+from .balance import GRANULARITIES, LAMBDA_CONVENTIONS, reduction_memory_bytes
 from .mi_injection import INACTIVE_KEY, INJECTION_KEY, WRAPPER_KEY, BalancedInjection, BalanceRecord  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,7 @@ class BalanceSettings:
     max_lambda: float = 20.0
     record_balance: bool = True
     strength_scaling: str = "paper"
+    lambda_convention: str = "as_written"  # balance.injection_coefficient
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -86,6 +87,8 @@ class BalanceSettings:
             raise ValueError(f"max_lambda must be >= 0, got {self.max_lambda}")
         if self.strength_scaling not in STRENGTH_SCALINGS:
             raise ValueError(f"strength_scaling must be one of {STRENGTH_SCALINGS}, got {self.strength_scaling!r}")
+        if self.lambda_convention not in LAMBDA_CONVENTIONS:
+            raise ValueError(f"lambda_convention must be one of {LAMBDA_CONVENTIONS}, got {self.lambda_convention!r}")
 
     @classmethod
     def from_transformer_options(cls, transformer_options: dict) -> "BalanceSettings":
@@ -358,7 +361,8 @@ def explain_missing_record(conditioning: list) -> str:
 
 
 def settings_dict(mode: str, granularity: str, max_lambda: float, record_balance: bool = True,
-                  strength_scaling: str = "paper") -> dict[str, Any]:
+                  strength_scaling: str = "paper", lambda_convention: str = "as_written") -> dict[str, Any]:
     """Validated settings in the form stored in model_options."""
     return dataclasses.asdict(BalanceSettings(mode, granularity, float(max_lambda), bool(record_balance),
-                                              strength_scaling=strength_scaling))
+                                              strength_scaling=strength_scaling,
+                                              lambda_convention=lambda_convention))

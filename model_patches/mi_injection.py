@@ -273,11 +273,11 @@ class BalancedInjection:
         lam = None
         if s.mode == "micontrolnet":
             if not linear:
-                out, lam = add_inj_with_lambda(feature, combined, s.max_lambda, s.granularity)
+                out, lam = add_inj_with_lambda(feature, combined, s.max_lambda, s.granularity, s.lambda_convention)
             else:
                 basis = (weighted_sum(residuals, [w * k for w, k in zip(weights, unit)]) if many
                          else residuals[0] * unit[0])
-                _, lam = add_inj_with_lambda(feature, basis, s.max_lambda, s.granularity)
+                _, lam = add_inj_with_lambda(feature, basis, s.max_lambda, s.granularity, s.lambda_convention)
                 del basis
                 out = torch.addcmul(feature, lam.to(feature.dtype), combined)
         else:

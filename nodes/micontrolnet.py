@@ -10,7 +10,7 @@ import torch
 import comfy.controlnet
 from comfy_api.latest import io
 
-from ..model_patches.balance import GRANULARITIES
+from ..model_patches.balance import GRANULARITIES, LAMBDA_CONVENTION_DESCRIPTIONS, LAMBDA_CONVENTIONS
 from ..model_patches.balance_map import render_balance_map
 from ..model_patches.inputs import check_image, check_percent_range
 from ..model_patches.mi_control import (
@@ -125,13 +125,19 @@ class MIControlNetSettings(io.ComfyNode):
                 io.Combo.Input("strength_scaling", options=list(STRENGTH_SCALINGS), default="paper", optional=True,
                                tooltip="How a control's strength enters the balancing. "
                                        + " ".join(f"{k}: {d}." for k, d in STRENGTH_SCALING_DESCRIPTIONS.items())),
+                io.Combo.Input("lambda_convention", options=list(LAMBDA_CONVENTIONS), default="as_written",
+                               optional=True, tooltip="How add^inj reads the paper's λ* (use the one the ControlNet was trained "
+                                       "with; its file's metadata says which). "
+                                       + " ".join(f"{c}: {d}." for c, d in LAMBDA_CONVENTION_DESCRIPTIONS.items())),
             ],
             outputs=[io.Model.Output()],
         )
 
     @classmethod
-    def execute(cls, model, mode, granularity, max_lambda, record_balance, strength_scaling="paper") -> io.NodeOutput:
-        settings = settings_dict(mode, granularity, max_lambda, record_balance, strength_scaling=strength_scaling)
+    def execute(cls, model, mode, granularity, max_lambda, record_balance, strength_scaling="paper",
+                lambda_convention="as_written") -> io.NodeOutput:
+        settings = settings_dict(mode, granularity, max_lambda, record_balance, strength_scaling=strength_scaling,
+                                 lambda_convention=lambda_convention)
         m = model.clone()
         m.model_options.setdefault("transformer_options", {})[SETTINGS_KEY] = settings
         return io.NodeOutput(m)

@@ -10,6 +10,7 @@ import signal
 from pathlib import Path
 
 import pytest
+import safetensors
 import safetensors.torch
 import torch
 
@@ -24,8 +25,8 @@ from training_subprocess import kill_at_first_checkpoint, remove_checkpoints, ru
 STEPS = 6
 
 
-def common_args(base, data, out):
-    return ["--base", str(base), "--data", str(data), "--output", str(out), "--condition", "canny",
+def common_args(base, data, out, init):
+    return ["--base", str(base), "--init-controlnet", str(init), "--data", str(data), "--output", str(out), "--condition", "canny",
             "--resolution", "64", "--max-steps", str(STEPS), "--checkpoint-every", "2", "--stage", "2",
             "--qc-every", "3", "--plain-add-warmup-steps", "2", "--learning-rate", "1e-4", "--seed", "1",
             "--cache-latents", "--save-dtype", "fp32", "--no-progress", "--validate-every", str(STEPS),
@@ -56,9 +57,10 @@ def runs(tmp_path_factory, small_sd15_files):
     root = tmp_path_factory.mktemp("train")
     data = write_dataset(root / "data", n=4)
     base = small_sd15_files["checkpoint"]
+    init = small_sd15_files["controlnets"][0]  # stage 2 continues a stage-1 ControlNet
     ref = root / "reference"
-    train(common_args(base, data, ref) + ["--batch-size", "2"], root / "reference.log")
-    yield {"root": root, "data": data, "base": base, "reference": ref}
+    train(common_args(base, data, ref, init) + ["--batch-size", "2"], root / "reference.log")
+    yield {"root": root, "data": data, "base": base, "reference": ref, "init": init}
     remove_checkpoints(root)
 
 
@@ -74,12 +76,16 @@ def test_reference_run_outputs(runs):
     sd = safetensors.torch.load_file(str(ref / "micontrolnet.safetensors"))
     expected = set(synthetic.controlnet_state_dict(synthetic.SD15_UNET_SMALL))
     assert set(sd) == expected  # ControlNet v1.1 (ldm) keys, nothing else
-    assert any(sd[k].abs().max() > 0 for k in sd if k.startswith("zero_convs."))  # it trained
+    start = safetensors.torch.load_file(str(runs["init"]))
+    assert any(not torch.equal(sd[k], start[k].to(sd[k].dtype)) for k in sd if k.startswith("zero_convs."))  # it trained
+    with safetensors.safe_open(str(ref / "micontrolnet.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["lambda_convention"] == "as_written" and meta["stage"] == "2"
 
 
 def test_sigkill_and_resume_gives_identical_losses(runs):
     out = runs["root"] / "killed"
-    args = common_args(runs["base"], runs["data"], out) + ["--batch-size", "2"]
+    args = common_args(runs["base"], runs["data"], out, runs["init"]) + ["--batch-size", "2"]
     returncode = kill_at_first_checkpoint(training_command("micontrolnet", args), out,
                                           runs["root"] / "killed.log", env())
     assert returncode == -signal.SIGKILL, "the run ended before it could be killed"
@@ -93,7 +99,7 @@ def test_sigkill_and_resume_gives_identical_losses(runs):
 
 def test_two_gloo_ranks_equal_one_rank_with_the_same_global_batch(runs):
     out = runs["root"] / "ddp"
-    train(common_args(runs["base"], runs["data"], out) + ["--batch-size", "1"], runs["root"] / "ddp.log",
+    train(common_args(runs["base"], runs["data"], out, runs["init"]) + ["--batch-size", "1"], runs["root"] / "ddp.log",
           torchrun_ranks=2)
     one, two = losses(runs["reference"]), losses(out)
     assert [r[0] for r in two] == [r[0] for r in one]

@@ -133,7 +133,7 @@ class ControlNeXtTrainer(MIControlNetTrainer):
         cx = cnx_patches()
         a, dist = self.args, self.dist
         engine.seed_everything(a.seed, a.deterministic)
-        self.base = models.load_base_model(a.base, a.family, engine.PRECISIONS[a.mixed_precision])
+        self.base = models.load_base_model(a.base, a.family, **engine.network_dtypes(a.mixed_precision))
         family = self.base.family
         self.unet_weights = DEFAULT_UNET_WEIGHTS[family] if a.unet_weights == "auto" else a.unet_weights
         if family == "SDXL" and self.unet_weights == "absolute":

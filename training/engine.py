@@ -95,6 +95,28 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.backends.cudnn.benchmark = False
 
 
+def network_dtypes(precision: str) -> dict:
+    """The dtype each frozen network of the base checkpoint is loaded in under
+    ``--mixed-precision precision``, as ``models.load_base_model`` keywords.
+
+    Passed explicitly, since ComfyUI otherwise picks fp16 on CUDA whatever was
+    asked for. ``no``: everything fp32. ``bf16``: everything bf16. ``fp16``:
+    UNet and text encoder fp16, the VAE fp32 (SD VAEs overflow in fp16:
+    NaN latents, diffusers #9422). Trained networks are always fp32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"--mixed-precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    dtype = PRECISIONS[precision] or torch.float32
+    return {"dtype": dtype, "text_encoder_dtype": dtype,
+            "vae_dtype": torch.float32 if dtype == torch.float16 else dtype}
+
+
+def needs_loss_scaler(precision: str, unet_compute_dtype: torch.dtype) -> bool:
+    """Gradients that pass through fp16 activations underflow without loss
+    scaling: on whenever the UNet computes in fp16 or fp16 autocast is on;
+    bf16 and fp32 need none."""
+    return precision == "fp16" or unet_compute_dtype == torch.float16
+
+
 def autocast_context(device: torch.device, precision: str):
     dtype = PRECISIONS[precision]
     if dtype is None:
@@ -315,6 +337,44 @@ def progress_bar(total: int, initial: int, enabled: bool):
 
     return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True,
                 desc="training")
+
+
+def gradients_finite(optimizer: torch.optim.Optimizer, loss_finite: bool, dist: "Dist") -> bool:
+    """Whether every rank's loss and every gradient of ``optimizer`` are finite
+    (one fp32 reduction per tensor, one all-reduce); checked before a step so
+    that no non-finite value ever reaches the weights."""
+    ok = bool(loss_finite)
+    if ok:
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if grads:
+            total = torch.stack([g.sum(dtype=torch.float32) for g in grads]).sum()
+            ok = bool(torch.isfinite(total))
+    return dist.all_reduce_mean(1.0 if ok else 0.0) == 1.0
+
+
+class SkippedSteps:
+    """Counts consecutive optimizer steps skipped for non-finite values and ends
+    the run, with what to do about it, after ``limit`` of them in a row."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.consecutive = 0
+        self.total = 0
+
+    def record(self, step: int, skipped: bool, fp16: bool) -> None:
+        if not skipped:
+            self.consecutive = 0
+            return
+        self.consecutive += 1
+        self.total += 1
+        log.warning("step %d skipped: non-finite loss or gradients (%d in a row, %d in all); the weights are "
+                    "unchanged", step, self.consecutive, self.total)
+        if self.limit and self.consecutive >= self.limit:
+            hint = ("fp16 loss scaling could not recover; use --mixed-precision bf16 or no"
+                    if fp16 else "lower --learning-rate, keep --max-grad-norm on, or check the data")
+            raise SystemExit(f"training: {self.consecutive} consecutive steps (up to step {step}) had non-finite "
+                             f"loss or gradients and were skipped; stopping. The weights of the last checkpoint "
+                             f"are finite. To continue: {hint}, then --resume latest.")
 
 
 def warmup_lr(step: int, base_lr: float, warmup: int) -> float:

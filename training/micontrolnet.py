@@ -12,6 +12,9 @@ import argparse
 
 from . import cli
 
+# balance.LAMBDA_CONVENTIONS (kept equal by a test; --help must not import ComfyUI).
+LAMBDA_CONVENTIONS = ("as_written", "mgda_weight_of_control")
+
 HELP = "train a MIControlNet (stage 1: balanced data through add^inj; stage 2: + conservativity loss)"
 
 DESCRIPTION = """\
@@ -25,7 +28,11 @@ injected with add^inj exactly as the MIControlNetApply node does at sampling.
 
 Stage 2 (--stage 2) adds L_QC^simple = E_v vT(Jc JcT - Jc Jc)v, the Hutchinson
 estimate of the asymmetry of the ControlNet-induced Jacobian, weighted by
---qc-weight. Start stage 2 from a stage-1 result with --init-controlnet.
+--qc-weight. L_QC^simple is taken on the score s = -eps/sigma_t w.r.t. x_t
+and summed over each sample's latent elements (the paper's quantity); the
+diffusion loss is the per-element mean squared error, so --qc-weight is the
+ratio of the two as they are written here. Stage 2 starts from a stage-1
+result: pass its fp32 checkpoint with --init-controlnet (or --resume).
 
 Multi-GPU / multi-node: start with torchrun, e.g.
   torchrun --nproc_per_node 8 -m training micontrolnet ...
@@ -48,14 +55,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "2: stage 1 plus the conservativity loss (default: 1)")
     g.add_argument("--qc-weight", type=float, default=0.01, help="weight of L_QC^simple in stage 2 (default: 0.01)")
     g.add_argument("--qc-every", type=int, default=1, help="compute L_QC on every k-th step only, to amortise its "
-                   "cost (default: 1, every step)")
+                   "cost; the term is then weighted by k x --qc-weight, so its expected weight per step stays "
+                   "(default: 1, every step)")
     g.add_argument("--granularity", default="layer", choices=["layer", "pixel"],
                    help="add^inj coefficient per layer (paper) or per pixel; use the same at sampling (default: layer)")
+    g.add_argument("--lambda-convention", default="as_written", choices=list(LAMBDA_CONVENTIONS),
+                   help="how add^inj reads the paper's lambda*: as_written (eqs. 8-10 literally: lambda* is the "
+                        "MGDA weight of the UNet feature) or mgda_weight_of_control (lambda* is the control's MGDA "
+                        "weight); stored in the exported file, use the same at sampling (default: as_written)")
     g.add_argument("--plain-add-warmup-steps", type=int, default=-1,
-                   help="inject with a plain add (h + r) for the first N steps, then add^inj. add^inj gives a "
-                        "ControlNet with zero outputs no gradient (its coefficient is 0 at zero residuals), so a "
-                        "ControlNet initialised from the UNet needs this warm-up (default: 500 when initialising "
-                        "from the UNet, 0 with --init-controlnet)")
+                   help="inject with a plain add (h + r) for the first N steps, then add^inj (this project's own "
+                        "step, not the paper's). Under --lambda-convention as_written add^inj gives a ControlNet "
+                        "with zero outputs no gradient (its coefficient is 0 at zero residuals), so a ControlNet "
+                        "initialised from the UNet needs this warm-up; mgda_weight_of_control does not (default: "
+                        "500 when initialising from the UNet under as_written, else 0)")
     g.add_argument("--max-lambda", type=float, default=20.0, help="clip of the add^inj coefficient (default: 20)")
 
     g = p.add_argument_group("data")
@@ -80,8 +93,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr-warmup-steps", type=int, default=0, help="linear warm-up steps (default: 0)")
     cli.add_regularisation_arguments(g)
     g.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"],
-                   help="compute precision; the frozen UNet is cast to it, the trained ControlNet stays fp32 "
-                        "(fp16 adds loss scaling) (default: no)")
+                   help="compute precision. no: every network (UNet, text encoder, VAE, ControlNet) in fp32, "
+                        "whatever ComfyUI would pick on the device; bf16: the frozen networks in bf16; fp16: "
+                        "UNet and text encoder in fp16, VAE fp32, with loss scaling. The trained ControlNet "
+                        "always keeps fp32 weights (default: no)")
     g.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute activations in backward to save memory (ControlNet and UNet blocks)")
     g.add_argument("--seed", type=int, default=0, help="seed of the whole run (data order, noise, masks) (default: 0)")
@@ -107,6 +122,10 @@ def _check_args(args) -> None:
     problems = cli.common_problems(args)
     if args.qc_every < 1:
         problems.append(f"--qc-every must be >= 1, got {args.qc_every}")
+    if args.stage == 2 and not (args.init_controlnet or args.resume):
+        problems.append("--stage 2 continues a stage-1 ControlNet: pass --init-controlnet with stage 1's fp32 "
+                        "checkpoint (OUTPUT/checkpoints/step-N/controlnet.safetensors of the stage-1 run) or "
+                        "--resume a stage-2 run; without one it would start from a zero ControlNet")
     for name in ("rebalance_prob", "keep_prob"):
         v = getattr(args, name)
         if not 0.0 <= v <= 1.0:

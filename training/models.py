@@ -67,8 +67,13 @@ def detect_family(state_dict: dict, source: str) -> tuple[str, Any]:
 
 
 def load_base_model(path: str | Path, expected_family: str | None = None,
-                    dtype: torch.dtype | None = None) -> BaseModel:
+                    dtype: torch.dtype | None = None, text_encoder_dtype: torch.dtype | None = None,
+                    vae_dtype: torch.dtype | None = None) -> BaseModel:
     """Load a single-file SD1.5/SDXL checkpoint with ComfyUI's loader.
+
+    ``dtype``, ``text_encoder_dtype``, ``vae_dtype``: the dtypes the UNet, the
+    text encoder and the VAE are stored in (``engine.network_dtypes``); None
+    leaves ComfyUI's own choice for the machine (fp16 on CUDA).
 
     The family is checked from the UNet keys before anything large is built, so
     a wrong file fails within seconds."""
@@ -87,9 +92,16 @@ def load_base_model(path: str | Path, expected_family: str | None = None,
         )
     # With a dtype ComfyUI stores the UNet in it and picks ops that cast
     # weights per layer where the device cannot compute in it.
-    patcher, clip, vae, _ = comfy.sd.load_state_dict_guess_config(
-        sd, output_vae=True, output_clip=True, metadata=metadata,
-        model_options={"dtype": dtype} if dtype is not None else {})
+    vae = None
+    if vae_dtype is not None:
+        # ComfyUI's loader takes no VAE dtype: the same VAE state dict it builds, given to comfy.sd.VAE with one.
+        vae_sd = comfy.utils.state_dict_prefix_replace(sd, {k: "" for k in config.vae_key_prefix}, filter_keys=True)
+        vae = comfy.sd.VAE(sd=config.process_vae_state_dict(vae_sd), dtype=vae_dtype, metadata=metadata)
+    patcher, clip, loaded_vae, _ = comfy.sd.load_state_dict_guess_config(
+        sd, output_vae=vae is None, output_clip=True, metadata=metadata,
+        model_options={"dtype": dtype} if dtype is not None else {},
+        te_model_options={"dtype": text_encoder_dtype} if text_encoder_dtype is not None else {})
+    vae = vae or loaded_vae
     if clip is None or vae is None:
         raise ValueError(f"{path}: the checkpoint has no text encoder or VAE; training needs a full "
                          f"single-file checkpoint (UNet, text encoder and VAE).")
@@ -114,7 +126,7 @@ def _family_key(name: str) -> str:
 def controlnet_config(unet_config: dict) -> dict:
     """The cldm ControlNet kwargs for a UNet config (as ComfyUI's loader derives them)."""
     cfg = {k: v for k, v in copy.deepcopy(unet_config).items()
-           if k not in ("out_channels", "transformer_depth_output")}
+           if k not in ("out_channels", "transformer_depth_output", "dtype")}  # the ControlNet is fp32
     return cfg
 
 

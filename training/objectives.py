@@ -9,22 +9,25 @@ MIControlNetApply control runs. It registers the same ``output_block_patch``
 Noise, timesteps and scaling come from the checkpoint's own ComfyUI
 ``model_sampling`` (``noise_scaling``, ``calculate_input``, ``timestep``).
 
-Conservativity (stage 2). With ``r(x)`` the ControlNet residuals and ``D`` the
-Jacobian of the UNet output with respect to the residuals, the
-ControlNet-induced Jacobian is ``J_c = D ∂r/∂x``: the part of ∂ε/∂x that flows
-through the ControlNet. The loss is
+Conservativity (stage 2). The paper's term is on the score s_t(x_t) = −ε̂/σ_t
+(eqs. 2, 6, 13, 18) and its Jacobian J = ∂s_t/∂x_t. Here J is restricted to
+the ControlNet path: with ``r(x)`` the ControlNet residuals and ``D`` the
+Jacobian of the score with respect to the residuals, ``J_c = D ∂r/∂x_t`` is
+the part of ∂s_t/∂x_t that flows through the ControlNet (the frozen UNet's
+own part is not trained). The loss, per row, is
 
     L_QC^simple = E_v[ vᵀ J_c J_cᵀ v − vᵀ J_c J_c v ] = tr(J_c J_cᵀ) − tr(J_c J_c),
 
-which is ‖J_c − J_cᵀ‖²_F / 2: zero exactly when the ControlNet's contribution
-to the score is conservative. One Rademacher probe ``v`` per row gives the
-unbiased Hutchinson estimate ``‖J_cᵀv‖² − ⟨J_cᵀv, J_c v⟩``, from one
-forward-mode pass (J_c v, in the same forward that gives the diffusion loss)
-and one reverse-mode pass (J_cᵀ v, without a graph: see
-``qc_per_row_for_training`` for the gradient). Only the ControlNet input
-carries the probe and only the ControlNet parameters require grad, so both
-products are restricted to the ControlNet path and the loss is differentiated
-w.r.t. the ControlNet only.
+a sum over the row's elements (not divided by their count), which is
+‖J_c − J_cᵀ‖²_F / 2: zero exactly when the ControlNet's contribution to the
+score is conservative. One Rademacher probe ``v`` per row gives the unbiased
+Hutchinson estimate ``‖J_cᵀv‖² − ⟨J_cᵀv, J_c v⟩``, from one forward-mode pass
+(J_c v, in the same forward that gives the diffusion loss) and one
+reverse-mode pass (J_cᵀ v, without a graph: see ``qc_per_row_for_training``
+for the gradient). Only the ControlNet input carries the probe and only the
+ControlNet parameters require grad, so both products are restricted to the
+ControlNet path and the loss is differentiated w.r.t. the ControlNet only.
+How ComfyUI's variables map onto x_t and σ_t: ``score_jacobian_scale``.
 """
 
 from __future__ import annotations
@@ -60,13 +63,16 @@ class Batch:
                        (self.latents, self.hint, self.context, self.y, self.noise, self.timestep_index, self.probe)))
 
 
-def injection_options(granularity: str = "layer", max_lambda: float = 20.0, mode: str = "micontrolnet") -> dict:
+def injection_options(granularity: str = "layer", max_lambda: float = 20.0, mode: str = "micontrolnet",
+                      lambda_convention: str = "as_written") -> dict:
     """A fresh transformer_options dict for one model call, with the balance
     settings the sampler would find (no balance record). ``mode`` is
-    ``micontrolnet`` (add^inj) or ``vanilla`` (plain add, for the warm-up)."""
+    ``micontrolnet`` (add^inj) or ``vanilla`` (plain add, for the warm-up);
+    ``lambda_convention`` is balance.injection_coefficient's."""
     mi = mi_control()
     return {"cond_or_uncond": [0], **attention_options(),
-            mi.SETTINGS_KEY: mi.settings_dict(mode, granularity, max_lambda, record_balance=False)}
+            mi.SETTINGS_KEY: mi.settings_dict(mode, granularity, max_lambda, record_balance=False,
+                                              lambda_convention=lambda_convention)}
 
 
 def unet_dtype(model) -> torch.dtype:
@@ -76,7 +82,8 @@ def unet_dtype(model) -> torch.dtype:
 
 def controlled_eps(model, cnet, x_unet: torch.Tensor, x_control: torch.Tensor, timestep: torch.Tensor,
                    context: torch.Tensor, y: torch.Tensor | None, hint: torch.Tensor,
-                   granularity: str = "layer", max_lambda: float = 20.0, mode: str = "micontrolnet") -> torch.Tensor:
+                   granularity: str = "layer", max_lambda: float = 20.0, mode: str = "micontrolnet",
+                   lambda_convention: str = "as_written") -> torch.Tensor:
     """UNet output with the ControlNet's residuals injected by add^inj.
 
     ``x_unet`` and ``x_control`` are the scaled model inputs the UNet and the
@@ -85,7 +92,7 @@ def controlled_eps(model, cnet, x_unet: torch.Tensor, x_control: torch.Tensor, t
     mi = mi_control()
     residuals = cnet(x=x_control, hint=hint, timesteps=timestep, context=context, y=y,
                      transformer_options=attention_options())
-    options = injection_options(granularity, max_lambda, mode)
+    options = injection_options(granularity, max_lambda, mode, lambda_convention)
     mi.BalancedInjection.for_call(options).add(TRAINING_LABEL, residuals, None)
     dtype = unet_dtype(model)
     return model.diffusion_model(x_unet.to(dtype), timestep, context=context.to(dtype),
@@ -104,13 +111,18 @@ def per_row_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (pred.float() - target.float()).square().flatten(1).mean(1)
 
 
+def _accumulate(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in its reduction dtype: fp32, or float64 where it already is."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def qc_per_row(jv: torch.Tensor, jtv: torch.Tensor) -> torch.Tensor:
-    """Hutchinson estimate of tr(J Jᵀ) − tr(J J) per row, divided by the row's
-    element count (the diffusion loss is a mean over elements too, so the
-    loss weight does not depend on the resolution). fp32."""
-    a = jv.float().flatten(1)
-    b = jtv.float().flatten(1)
-    return (b.square().sum(1) - (b * a).sum(1)) / a.shape[1]
+    """Hutchinson estimate of tr(J Jᵀ) − tr(J J) per row: a sum over the row's
+    elements, as the paper's L_QC^simple (no division by the element count).
+    fp32 (float64 for float64 inputs)."""
+    a = _accumulate(jv).flatten(1)
+    b = _accumulate(jtv).flatten(1)
+    return b.square().sum(1) - (b * a).sum(1)
 
 
 def qc_per_row_for_training(jv: torch.Tensor, jtv: torch.Tensor) -> torch.Tensor:
@@ -123,12 +135,50 @@ def qc_per_row_for_training(jv: torch.Tensor, jtv: torch.Tensor) -> torch.Tensor
     ∇(tr(JJᵀ) − tr(JJ)), differentiated through the forward-mode product only:
     Jᵀ v is computed without a graph and the second-order backward through the
     reverse-mode product disappears (a stage-2 step about 25 % faster)."""
-    a = jv.float().flatten(1)
-    b = jtv.detach().float().flatten(1)
-    n = a.shape[1]
-    value = (b.square().sum(1) - (b * a.detach()).sum(1)) / n
-    surrogate = (a.square().sum(1) - 2 * (a * b).sum(1)) / n
+    a = _accumulate(jv).flatten(1)
+    b = _accumulate(jtv.detach()).flatten(1)
+    value = b.square().sum(1) - (b * a.detach()).sum(1)
+    surrogate = a.square().sum(1) - 2 * (a * b).sum(1)
     return value + (surrogate - surrogate.detach())
+
+
+def score_jacobian_scale(model_sampling, sigma: torch.Tensor) -> torch.Tensor:
+    """Per-row factor ``k`` with ∂s_t/∂x_t = k · ∂ε̂/∂x_in, shaped (B, 1, 1, 1), fp32.
+
+    ComfyUI's EPS sampling on the discrete VP schedule (``ModelSamplingDiscrete``
+    + ``EPS``: SD1.5, SDXL) works with σ = √((1−ᾱ)/ᾱ) and
+
+        x_noisy = x₀ + σ ε                      (EPS.noise_scaling)
+        x_in    = x_noisy / √(1 + σ²)           (EPS.calculate_input, σ_data = 1)
+
+    With ᾱ = 1/(1+σ²), x_in = √ᾱ x₀ + √(1−ᾱ) ε is the paper's x_t itself, and
+    σ_t = √(1−ᾱ) = σ/√(1+σ²). The score is s_t = −ε̂/σ_t, so
+
+        ∂s_t/∂x_t = −(1/σ_t) ∂ε̂/∂x_in = −(√(1+σ²)/σ) ∂ε̂/∂x_in,
+
+    which is what the probes here are taken on (the ControlNet's input is
+    x_in). For comparison, ∂ε̂/∂x_noisy = ∂ε̂/∂x_in / √(1+σ²) = −σ/(1+σ²) · ∂s_t/∂x_t:
+    a loss on ε̂'s Jacobian w.r.t. x_noisy would weigh each row by (σ/(1+σ²))²
+    (8.5e-4 at σ = 0.03, 0.25 at σ = 1), and tangents on x_noisy would need the
+    factor −(1+σ²)/σ. The sign cancels in L_QC (quadratic in J).
+
+    Other model samplings are refused: v-prediction (ε̂ = σ_t x_t + √ᾱ v̂ would
+    change the diffusion loss too, and the trainers train ε only), EDM, x0,
+    flow (CONST) and continuous schedules."""
+    import comfy.model_sampling as cms
+
+    name = type(model_sampling).__name__
+    ok = (isinstance(model_sampling, cms.EPS) and isinstance(model_sampling, cms.ModelSamplingDiscrete)
+          and not isinstance(model_sampling, (cms.V_PREDICTION, cms.X0, cms.ModelSamplingDiscreteEDM,
+                                              cms.StableCascadeSampling))
+          and float(getattr(model_sampling, "sigma_data", 1.0)) == 1.0)
+    if not ok:
+        raise ValueError(f"L_QC^simple: the model's sampling is {name} ({', '.join(c.__name__ for c in type(model_sampling).__mro__[1:-1])}); "
+                         f"the score Jacobian is derived for ComfyUI's EPS prediction on the discrete VP "
+                         f"schedule (SD1.5/SDXL epsilon checkpoints). Use such a base checkpoint or train "
+                         f"stage 1 only (--stage 1).")
+    sigma = sigma.to(torch.float32).reshape(-1, 1, 1, 1)
+    return -(1.0 + sigma.square()).sqrt() / sigma
 
 
 def jacobian_probes(f, x: torch.Tensor, v: torch.Tensor, create_graph: bool = False, retain_graph: bool = False):
@@ -172,6 +222,10 @@ class ConstantWeightTangents(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is F.layer_norm:
+            dual = _layer_norm_dual(*args, **kwargs)
+            if dual is not None:
+                return dual
         if func in self.LAYERS and len(args) >= 2:
             x, weight = args[0], args[1]
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
@@ -184,6 +238,33 @@ class ConstantWeightTangents(TorchFunctionMode):
                     out_t = func(tangent, weight, **{**kwargs, "bias": None})
                 return fwAD.make_dual(out, out_t)
         return func(*args, **kwargs)
+
+
+def _layer_norm_dual(x, normalized_shape, weight=None, bias=None, eps=1e-5):
+    """F.layer_norm of a dual input whose weight and bias carry no tangent, with
+    the tangent written out from primal ops, or None where that does not apply.
+
+    torch's own forward-mode rule for layer_norm gives the right tangent, but
+    its reverse-mode derivative is wrong (measured in float64 on torch 2.14:
+    the gradient of ‖J v‖² w.r.t. the parameters before an affine layer norm
+    is off by 4 %), which would bias L_QC's gradient at every transformer
+    block. With x̂ = (x − μ) r, r = (var + eps)^(-1/2) over the normalised dims,
+
+        d(layer_norm) = w ⊙ r (dx − mean(dx) − x̂ mean(x̂ dx)),
+
+    computed from x with ordinary differentiable ops; the primal is torch's."""
+    primal, tangent = fwAD.unpack_dual(x)
+    if tangent is None or _tangent(weight) is not None or _tangent(bias) is not None:
+        return None
+    out = F.layer_norm(primal, normalized_shape, weight, bias, eps)
+    dims = tuple(range(-len(normalized_shape), 0))
+    centred = primal - primal.mean(dims, keepdim=True)
+    r = torch.rsqrt(centred.square().mean(dims, keepdim=True) + eps)
+    x_hat = centred * r
+    d = r * (tangent - tangent.mean(dims, keepdim=True) - x_hat * (x_hat * tangent).mean(dims, keepdim=True))
+    if weight is not None:
+        d = d * weight
+    return fwAD.make_dual(out, d.to(out.dtype))
 
 
 def forward_mode_attention(q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False,
@@ -305,10 +386,13 @@ def training_attention(forward_mode: bool = False):
 
 
 def loss_terms(model, cnet, batch: Batch, qc_weight: float = 0.0, granularity: str = "layer",
-               max_lambda: float = 20.0, autocast=None, mode: str = "micontrolnet") -> dict:
-    """Per-row diffusion loss (ε-MSE) and, when ``qc_weight > 0`` and the batch
-    has probes, per-row L_QC^simple. Returns fp32 per-row tensors ``task``,
-    ``qc`` (zeros when off) and ``total`` = task + qc_weight·qc."""
+               max_lambda: float = 20.0, autocast=None, mode: str = "micontrolnet",
+               lambda_convention: str = "as_written") -> dict:
+    """Per-row diffusion loss (ε-MSE, a mean over the row's elements as in
+    diffusers' trainers) and, when ``qc_weight > 0`` and the batch has probes,
+    per-row L_QC^simple (a sum over the row's elements, the paper's quantity on
+    the score w.r.t. x_t). Returns fp32 per-row tensors ``task``, ``qc`` (zeros
+    when off) and ``total`` = task + qc_weight·qc."""
     autocast = autocast or contextlib.nullcontext()
     ms = model.model_sampling
     sigma, x_noisy = noisy_inputs(model, batch)
@@ -319,24 +403,26 @@ def loss_terms(model, cnet, batch: Batch, qc_weight: float = 0.0, granularity: s
     if not use_qc:
         with autocast:
             eps = controlled_eps(model, cnet, x_in, x_in, timestep, batch.context, batch.y, batch.hint,
-                                 granularity, max_lambda, mode)
+                                 granularity, max_lambda, mode, lambda_convention)
         task = per_row_mse(eps, batch.noise)
         return {"task": task, "qc": torch.zeros_like(task), "total": task}
 
-    x_unet = x_in.detach()
+    k = score_jacobian_scale(ms, sigma).to(x_in.device)
+    x_t = x_in.detach()
 
-    def through_controlnet(x_noisy_probe):
-        # d/dx of the ControlNet's input, c_in·x: the probe enters as c_in·v.
-        return controlled_eps(model, cnet, x_unet, ms.calculate_input(sigma, x_noisy_probe), timestep,
-                              batch.context, batch.y, batch.hint, granularity, max_lambda, mode)
+    def through_controlnet(x_t_probe):
+        # The probe enters the ControlNet's input, x_t; the UNet's own input stays x_t without it.
+        return controlled_eps(model, cnet, x_t, x_t_probe, timestep, batch.context, batch.y, batch.hint,
+                              granularity, max_lambda, mode, lambda_convention)
 
     # No autocast here: autocast casts primals but not forward-mode tangents
     # (conv(tangent fp32, weight bf16) fails), and the L_QC terms want fp32.
     with training_attention(forward_mode=True):
-        eps, jv, jtv = jacobian_probes(through_controlnet, x_noisy, batch.probe, create_graph=False,
+        eps, jv, jtv = jacobian_probes(through_controlnet, x_t, batch.probe, create_graph=False,
                                        retain_graph=True)
     task = per_row_mse(eps, batch.noise)
-    qc = qc_per_row_for_training(jv, jtv)
+    # ∂s_t/∂x_t = k ∂ε̂/∂x_t per row (score_jacobian_scale).
+    qc = qc_per_row_for_training(k * _accumulate(jv), k * _accumulate(jtv))
     return {"task": task, "qc": qc, "total": task + qc_weight * qc}
 
 

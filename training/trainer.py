@@ -30,6 +30,7 @@ class MIControlNetTrainer:
             torch.set_num_threads(max(1, (torch.get_num_threads()) // self.dist.world))
         self.output = Path(args.output)
         self.store = engine.CheckpointStore(self.output / "checkpoints", args.keep_checkpoints)
+        self.skipped_steps = engine.SkippedSteps(getattr(args, "max_skipped_steps", 20))
         self._text_cache: dict[str, tuple] = {}
         self._latent_cache: dict[int, torch.Tensor] = {}
 
@@ -39,7 +40,7 @@ class MIControlNetTrainer:
 
         a, dist = self.args, self.dist
         engine.seed_everything(a.seed, a.deterministic)
-        self.base = models.load_base_model(a.base, a.family, engine.PRECISIONS[a.mixed_precision])
+        self.base = models.load_base_model(a.base, a.family, **engine.network_dtypes(a.mixed_precision))
         if dist.main:
             log.info("base checkpoint: %s (%s)", a.base, self.base.family)
         report = data.scan_dataset(a.data, need_condition=a.condition == "file")
@@ -66,9 +67,11 @@ class MIControlNetTrainer:
                 log.info("ControlNet: encoder copied from the base UNet, zero convolutions zeroed")
 
         if a.plain_add_warmup_steps < 0:
-            # add^inj has zero gradient at zero residuals (λ = 0 there), so a
-            # ControlNet with zeroed outputs first learns with a plain add.
-            a.plain_add_warmup_steps = 0 if a.init_controlnet else 500
+            # As written, add^inj has zero gradient at zero residuals (λ = 0 there), so a
+            # ControlNet with zeroed outputs first learns with a plain add; read as the
+            # control's MGDA weight, λ = max_lambda there and no warm-up is needed.
+            from_zero = not a.init_controlnet and getattr(a, "lambda_convention", "as_written") == "as_written"
+            a.plain_add_warmup_steps = 500 if from_zero else 0
         if dist.main and a.plain_add_warmup_steps:
             log.info("the first %d steps inject with a plain add, then add^inj", a.plain_add_warmup_steps)
         ckpt, resume_state = self._read_resume()
@@ -108,7 +111,10 @@ class MIControlNetTrainer:
         else:
             self.cnet = net
         self.optimizer = torch.optim.AdamW(params, lr=a.learning_rate, weight_decay=a.weight_decay)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=a.mixed_precision == "fp16")
+        from .objectives import unet_dtype
+
+        self.scaler = torch.amp.GradScaler(device.type, enabled=engine.needs_loss_scaler(
+            a.mixed_precision, unet_dtype(self.base.model)))
         if ckpt is not None:
             self._restore_run_state(ckpt, resume_state)
 
@@ -126,7 +132,8 @@ class MIControlNetTrainer:
 
     def _check_resume_compatible(self, state: dict) -> None:
         saved = state["args"]
-        for key in ("seed", "batch_size", "gradient_accumulation", "stage", "resolution", "condition"):
+        for key in ("seed", "batch_size", "gradient_accumulation", "stage", "resolution", "condition",
+                    "lambda_convention"):
             if key in saved and saved[key] != getattr(self.args, key):
                 log.warning("resume: --%s was %s in the checkpoint and is %s now; the run will not repeat "
                             "the interrupted one exactly", key.replace("_", "-"), saved[key], getattr(self.args, key))
@@ -227,13 +234,11 @@ class MIControlNetTrainer:
                     if not last_micro:
                         continue
                     micro = 0
-                    lr = self.optimizer_step(step)
+                    lr, skipped = self.optimizer_step(step, loss_finite=all(map(math.isfinite, sums.values())))
                     step += 1
+                    self.skipped_steps.record(step, skipped, self.scaler.is_enabled())
                     means = {k: dist.all_reduce_mean(v) for k, v in sums.items()}
                     sums = {}
-                    if not math.isfinite(means["total"]):
-                        raise FloatingPointError(f"step {step}: the loss is {means['total']}; lower the learning "
-                                                 f"rate or use --mixed-precision bf16 instead of fp16")
                     dt = timer.lap()
                     if dist.main:
                         fields, postfix = self.log_fields(means, lr)
@@ -265,8 +270,10 @@ class MIControlNetTrainer:
         use_qc = a.stage == 2 and step % a.qc_every == 0
         batch = self._batch(items, probes=use_qc)
         mode = "vanilla" if step < a.plain_add_warmup_steps else "micontrolnet"
-        terms = objectives.loss_terms(self.base.model, self.cnet, batch, a.qc_weight if use_qc else 0.0,
-                                      a.granularity, a.max_lambda, autocast, mode)
+        # On every k-th step only, weighted k times: the expected weight per step stays --qc-weight.
+        qc_weight = a.qc_weight * a.qc_every if use_qc else 0.0
+        terms = objectives.loss_terms(self.base.model, self.cnet, batch, qc_weight, a.granularity, a.max_lambda,
+                                      autocast, mode, a.lambda_convention)
         return {k: terms[k] for k in ("total", "task", "qc")}
 
     def log_fields(self, means: dict, lr: float) -> tuple[dict, dict]:
@@ -280,7 +287,8 @@ class MIControlNetTrainer:
         from . import models
 
         meta = {"format": "ControlNet v1.1 (ldm)", "trained_with": "ComfyUI-BalancedControl training micontrolnet",
-                "stage": self.args.stage, "granularity": self.args.granularity, "base_family": self.base.family}
+                "stage": self.args.stage, "granularity": self.args.granularity, "base_family": self.base.family,
+                "lambda_convention": self.args.lambda_convention, "max_lambda": str(self.args.max_lambda)}
         return models.save_controlnet(self.cnet_module, self.output / f"{self.args.name}.safetensors",
                                       engine.SAVE_DTYPES[self.args.save_dtype], meta)
 
@@ -349,7 +357,8 @@ class MIControlNetTrainer:
     def checkpoint_weights(self) -> dict:
         """File name -> (fp32 tensors, metadata) of the trained weights in a resumable checkpoint."""
         return {"controlnet.safetensors": ({k: v.float() for k, v in self.cnet_module.state_dict().items()},
-                                           {"format": "ControlNet v1.1 (ldm)"})}
+                                           {"format": "ControlNet v1.1 (ldm)",
+                                            "lambda_convention": self.args.lambda_convention})}
 
     def _gather_rng(self) -> dict:
         mine = getattr(self, "_rng_json", None) or {}
@@ -359,21 +368,31 @@ class MIControlNetTrainer:
         torch.distributed.all_gather_object(gathered, mine)
         return {str(r): g for r, g in enumerate(gathered)}
 
-    def optimizer_step(self, step: int) -> float:
+    def optimizer_step(self, step: int, loss_finite: bool = True) -> tuple[float, bool]:
         """Step ``step``'s learning rate (times each group's ``lr_scale``), loss
-        unscaling, gradient clipping, the AdamW update; returns the rate."""
+        unscaling, the finiteness check, gradient clipping, the AdamW update;
+        returns (the rate, whether the step was skipped).
+
+        The check runs on the unscaled gradients before anything is written: a
+        non-finite loss or gradient on any rank skips the update on every rank
+        (the weights and the optimizer state stay as they were; the fp16 loss
+        scale is lowered as GradScaler does)."""
         a = self.args
         lr = engine.warmup_lr(step, a.learning_rate, a.lr_warmup_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         self.scaler.unscale_(self.optimizer)
+        if not engine.gradients_finite(self.optimizer, loss_finite, self.dist):
+            self.scaler.update()  # after unscale_, lowers the scale where it found inf (a no-op when off)
+            self.optimizer.zero_grad(set_to_none=True)
+            return lr, True
         if a.max_grad_norm > 0:
             params = [p for group in self.optimizer.param_groups for p in group["params"]]
             torch.nn.utils.clip_grad_norm_(params, a.max_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return lr
+        return lr, False
 
     def checkpoint_and_validate(self, step: int) -> None:
         """After optimizer step ``step``: a checkpoint and a validation image when due (always at the end)."""
