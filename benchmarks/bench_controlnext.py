@@ -131,8 +131,10 @@ def main(argv=None):
     for name in configs:  # warm-up (first loads, allocator)
         run(name, 1)
     per_step = {name: [] for name in configs}
+    names = list(configs)
     for r in range(args.repeats):
-        for name in configs:
+        # The order rotates every round, so no configuration always runs first or after a given one.
+        for name in names[r % len(names):] + names[:r % len(names)]:
             per_step[name].append(run(name, args.steps))
         print(f"round {r + 1}/{args.repeats}: " + ", ".join(f"{n.split(' (')[0]} {v[-1]:.3f}s" for n, v in per_step.items()),
               flush=True)
@@ -144,9 +146,11 @@ def main(argv=None):
     t_bare = med["bare"]
     t_cn = med["ControlNet (core ControlNetApplyAdvanced)"]
     print()
-    print(f"{'configuration':55s} {'min s/step':>10s} {'x bare':>8s} {'median':>8s}")
+    print(f"{'configuration':55s} {'min s/step':>10s} {'x bare':>8s} {'median':>8s} {'x bare':>8s} {'spread':>15s}")
     for name, t in med.items():
-        print(f"{name:55s} {t:10.3f} {t / t_bare:8.3f} {medians[name]:8.3f}")
+        v = per_step[name]
+        print(f"{name:55s} {t:10.3f} {t / t_bare:8.3f} {medians[name]:8.3f} {medians[name] / medians['bare']:8.3f} "
+              f"{min(v):7.3f}-{max(v):.3f}")
     print()
     cn_over = t_cn - t_bare
     for name, t in med.items():
