@@ -119,3 +119,70 @@ def test_eval_refuses_fid_without_a_feature_extractor(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     with pytest.raises(SystemExit, match="FID needs Inception-type weights"):
         evaluate.run(args)
+
+
+# --- data at scale -----------------------------------------------------------------------------------
+
+def test_speck_regions_of_an_anti_aliased_map_merge_into_their_neighbours():
+    from training.regions import merge_small_regions
+
+    rng = np.random.default_rng(0)
+    labels = np.zeros((128, 128), np.int64)
+    labels[:, 64:] = 1
+    labels[40:60, 10:30] = 2  # a real region of 400 px inside region 0
+    specks = rng.random(labels.shape) < 0.03
+    noisy = np.where(specks, rng.integers(3, 200, labels.shape), labels)
+    assert len(np.unique(noisy)) > 150
+    merged = merge_small_regions(noisy, min_area=32)
+    assert len(np.unique(merged)) == 3
+    for (y, x), (y2, x2) in (((0, 0), (127, 63)), ((0, 127), (127, 64)), ((45, 15), (55, 25))):
+        assert merged[y, x] == merged[y2, x2]
+    # every merged pixel joined the region around it
+    agree = np.mean([(merged[labels == v] == np.bincount(merged[labels == v]).argmax()).mean() for v in range(3)])
+    assert agree > 0.99
+    # two separate patches of one colour are two regions
+    two = np.zeros((20, 20), np.int64)
+    two[2:8, 2:8] = 1
+    two[12:18, 12:18] = 1
+    assert len(np.unique(merge_small_regions(two, 4))) == 3
+
+
+def test_silenced_regions_take_the_silent_value(tmp_path):
+    from test_training import write_dataset
+
+    root = write_dataset(tmp_path / "d", n=1)
+    records = data.scan_dataset(root, need_condition=False).records
+    opts = data.SampleOptions(resolution=64, condition="canny", rebalance_prob=1.0, keep_prob=0.5, silent_value=1.0)
+    item = data.TrainingSamples(records, opts, seed=0)[(0, 0)]
+    silenced = item["mask"] == 0
+    assert silenced.any() and (item["hint"][:, silenced] == 1.0).all()
+
+
+def test_the_dataset_index_is_built_once_and_read_fast_for_20k_files(tmp_path):
+    import io
+    import time
+
+    root = tmp_path / "big"
+    (root / "images").mkdir(parents=True)
+    buf = io.BytesIO()
+    Image.new("RGB", (6, 4), (10, 20, 30)).save(buf, format="PNG")
+    png = buf.getvalue()
+    n = 20000
+    for i in range(n):
+        (root / "images" / f"{i:05d}.png").write_bytes(png)
+        if i % 10 == 3:
+            (root / "images" / f"{i:05d}.txt").write_text(f"caption {i}")
+    t0 = time.perf_counter()
+    built = data.scan_dataset(root, need_condition=False)
+    t_build = time.perf_counter() - t0
+    assert (root / ".bc-index.json").is_file()
+    t0 = time.perf_counter()
+    cached = data.scan_dataset(root, need_condition=False)
+    t_read = time.perf_counter() - t0
+    print(f"20k files: scan {t_build:.2f} s, index {t_read:.2f} s")
+    assert len(cached.records) == n and cached.records == built.records
+    assert cached.records[123].size == (6, 4) and cached.records[123].prompt == "caption 123"
+    assert t_read < 0.25 * t_build, (t_build, t_read)  # (both grow with the machine's load; the ratio less)
+    # a file added to the folder changes its mtime: the index is rebuilt
+    (root / "images" / "extra.png").write_bytes(png)
+    assert len(data.scan_dataset(root, need_condition=False).records) == n + 1
