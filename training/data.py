@@ -52,6 +52,7 @@ class Record:
     prompt: str
     condition: Path | None = None
     segmentation: Path | None = None
+    size: tuple[int, int] | None = None  # (W, H) of the target image
 
 
 @dataclass
@@ -60,10 +61,44 @@ class ScanReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
 
 
-def scan_dataset(root: str | Path, need_condition: bool) -> ScanReport:
+def scan_dataset(root: str | Path, need_condition: bool, use_index: bool = True) -> ScanReport:
     """Find the samples of a dataset; missing or unreadable files are reported
-    by name and the sample is skipped."""
+    by name and the sample is skipped. The result is kept in the dataset's
+    index file (``data_index``) and read from it while the data is unchanged."""
+    from . import data_index
+
     root = Path(root)
+    cached = data_index.read(root, need_condition) if use_index else None
+    if cached is not None:
+        rows, skipped = cached
+        report = ScanReport([_record(r) for r in rows], skipped)
+        for f, why in report.skipped:
+            log.warning("dataset: skipped %s: %s", f, why)
+        log.info("dataset: %d samples from the index %s", len(report.records), data_index.index_file(root))
+        if not report.records:
+            raise ValueError(f"dataset {root}: no usable samples ({len(report.skipped)} skipped).")
+        return report
+    report = _scan(root, need_condition)
+    if use_index:
+        data_index.write(root, need_condition, [_row(r) for r in report.records], report.skipped)
+    return report
+
+
+def _row(rec: Record) -> dict:
+    return {"name": rec.name, "image": str(rec.image), "prompt": rec.prompt,
+            "condition": str(rec.condition) if rec.condition else None,
+            "segmentation": str(rec.segmentation) if rec.segmentation else None,
+            "size": list(rec.size) if rec.size else None}
+
+
+def _record(row: dict) -> Record:
+    return Record(name=row["name"], image=Path(row["image"]), prompt=row["prompt"],
+                  condition=Path(row["condition"]) if row.get("condition") else None,
+                  segmentation=Path(row["segmentation"]) if row.get("segmentation") else None,
+                  size=tuple(row["size"]) if row.get("size") else None)
+
+
+def _scan(root: Path, need_condition: bool) -> ScanReport:
     if root.is_file() and root.suffix == ".jsonl":
         candidates = _from_jsonl(root)
     elif root.is_dir() and (root / "metadata.jsonl").is_file():
@@ -88,6 +123,8 @@ def scan_dataset(root: str | Path, need_condition: bool) -> ScanReport:
                 break
             try:
                 with Image.open(f) as im:  # header only: cheap, catches non-images
+                    if f == rec.image:
+                        rec.size = im.size
                     im.verify()
             except Exception as e:  # noqa: BLE001 - any decoder error means unusable
                 problem = (str(f), f"unreadable image ({type(e).__name__}: {e})")
@@ -160,11 +197,17 @@ def load_rgb(path: Path, resolution: int) -> np.ndarray:
         return np.asarray(resize_crop(im, resolution, Image.Resampling.BICUBIC))
 
 
-def load_labels(path: Path, resolution: int) -> np.ndarray:
-    """(res, res) int64 region labels from a segmentation map (one label per distinct value)."""
+def load_labels(path: Path, resolution: int, min_area: int = 0) -> np.ndarray:
+    """(res, res) int64 region labels from a segmentation map: one label per
+    distinct value, or with ``min_area`` > 0 one per connected one-colour region,
+    regions below ``min_area`` pixels merged into a neighbour (``regions``)."""
     with Image.open(path) as im:
         arr = np.asarray(resize_crop(im.convert("RGB"), resolution, Image.Resampling.NEAREST)).astype(np.int64)
     packed = (arr[..., 0] << 16) | (arr[..., 1] << 8) | arr[..., 2]
+    if min_area > 0:
+        from .regions import merge_small_regions
+
+        return merge_small_regions(packed, min_area)
     return np.unique(packed, return_inverse=True)[1].reshape(packed.shape)
 
 
@@ -230,6 +273,8 @@ class SampleOptions:
     latent_channels: int = 4
     num_timesteps: int = 1000
     probes: bool = False              # draw Rademacher probes (stage 2)
+    min_region_area: int = 0          # segmentation regions below this many pixels join a neighbour
+    silent_value: float = 0.0         # the condition value that means "no signal" ([0, 1])
 
 
 def sample_generator(seed: int, position: int) -> tuple[np.random.Generator, torch.Generator]:
@@ -274,9 +319,12 @@ class TrainingSamples(torch.utils.data.Dataset):
         cond = cond.astype(np.float32) / 255.0
         mask = np.ones(cond.shape[:2], np.float32)
         if rng.random() < o.rebalance_prob:
-            labels = load_labels(rec.segmentation, o.resolution) if rec.segmentation else superpixels(rgb, o.superpixels)
+            labels = (load_labels(rec.segmentation, o.resolution, o.min_region_area) if rec.segmentation
+                      else superpixels(rgb, o.superpixels))
             mask = silence_mask(labels, rng, o.keep_prob)
-        cond = cond * mask[..., None]  # silent = black, the "no signal" value of edge/pose maps
+        # Silenced parts take the "no signal" value: black for edge/pose maps (the default),
+        # e.g. the far plane's value for depth maps.
+        cond = cond * mask[..., None] + np.float32(o.silent_value) * (1.0 - mask[..., None])
         prompt = "" if rng.random() < o.empty_prompt_prob else rec.prompt
         h = o.resolution // 8
         out = {

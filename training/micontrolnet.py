@@ -78,6 +78,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="fraction of samples whose condition is partly silenced (default: 0.5)")
     g.add_argument("--keep-prob", type=float, default=0.5,
                    help="probability that a region keeps its condition in a rebalanced sample (default: 0.5)")
+    g.add_argument("--min-region-area", type=int, default=64,
+                   help="connected one-colour regions of a segmentation map smaller than this many pixels (at "
+                        "--resolution) are merged into the neighbour with the longest shared border, so "
+                        "anti-aliased or JPEG maps do not make thousands of speck regions; 0 = one region per "
+                        "colour as found (default: 64)")
+    g.add_argument("--silent-value", type=float, default=0.0,
+                   help="condition value ([0, 1], all channels) that means 'no signal', given to silenced "
+                        "regions: 0 (black) for edges/pose/segmentation; e.g. 1 or 0 for depth, whichever your "
+                        "depth maps use for 'far' (default: 0)")
     g.add_argument("--superpixels", type=int, default=12, help="SLIC superpixels used as regions for samples "
                    "without a segmentation map (weaker than real masks) (default: 12)")
     g.add_argument("--empty-prompt-prob", type=float, default=0.0,
@@ -126,7 +135,9 @@ def _check_args(args) -> None:
         problems.append("--stage 2 continues a stage-1 ControlNet: pass --init-controlnet with stage 1's fp32 "
                         "checkpoint (OUTPUT/checkpoints/step-N/controlnet.safetensors of the stage-1 run) or "
                         "--resume a stage-2 run; without one it would start from a zero ControlNet")
-    for name in ("rebalance_prob", "keep_prob"):
+    if args.min_region_area < 0:
+        problems.append(f"--min-region-area must be >= 0, got {args.min_region_area}")
+    for name in ("rebalance_prob", "keep_prob", "silent_value"):
         v = getattr(args, name)
         if not 0.0 <= v <= 1.0:
             problems.append(f"--{name.replace('_', '-')} must be in [0, 1], got {v}")

@@ -43,7 +43,12 @@ class MIControlNetTrainer:
         self.base = models.load_base_model(a.base, a.family, **engine.network_dtypes(a.mixed_precision))
         if dist.main:
             log.info("base checkpoint: %s (%s)", a.base, self.base.family)
+        # Rank 0 scans (and writes the dataset index); the others then read the index.
+        if not dist.main:
+            dist.barrier()
         report = data.scan_dataset(a.data, need_condition=a.condition == "file")
+        if dist.main:
+            dist.barrier()
         self.skipped_at_scan = len(report.skipped)
         if dist.main:
             log.info("dataset: %d samples, %d skipped", len(report.records), len(report.skipped))
@@ -52,6 +57,7 @@ class MIControlNetTrainer:
             resolution=a.resolution, condition=a.condition, canny_low=a.canny_low, canny_high=a.canny_high,
             rebalance_prob=a.rebalance_prob, keep_prob=a.keep_prob, superpixels=a.superpixels,
             empty_prompt_prob=a.empty_prompt_prob, probes=a.stage == 2,
+            min_region_area=getattr(a, "min_region_area", 0), silent_value=getattr(a, "silent_value", 0.0),
             latent_channels=self.base.model.latent_format.latent_channels,
             num_timesteps=int(self.base.model.model_sampling.sigmas.shape[0]),
         )
