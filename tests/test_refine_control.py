@@ -462,6 +462,19 @@ def test_sigkill_and_resume_gives_identical_losses_and_weights(trained):
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_resume_with_a_differently_built_student_fails_naming_the_option(trained, tmp_path):
+    import shutil
+    out = tmp_path / "other"
+    shutil.copytree(trained["out"] / "checkpoints", out / "checkpoints")
+    args = _train_args(trained["base"], trained["teacher"], trained["data"], out)
+    args[args.index("--layers") + 1] = "1"
+    proc = subprocess.run([sys.executable, "-m", "training", "refine-control", *args, "--resume", "latest"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600, env=_train_env())
+    assert proc.returncode != 0
+    assert "--layers 2 in the checkpoint, 1 now" in proc.stderr, proc.stderr[-3000:]
+    assert not (out / "log.csv").exists()
+
+
 def test_two_gloo_ranks_equal_one_rank_with_the_same_global_batch(trained):
     from safetensors.torch import load_file
     from headless.server import free_port
