@@ -189,6 +189,13 @@ class RefineControlTrainer:
             for step in range(start, total):
                 stage = 1 if step < args.stage1_steps else 2
                 losses = self.step_losses(step, stage)
+                # Checked before the update (all ranks see the same mean): the weights and the
+                # last checkpoint stay those of a finite step.
+                values = {k: dist.all_reduce_mean(float(v.detach())) for k, v in losses.items()}
+                if not all(math.isfinite(v) for v in values.values()):
+                    raise FloatingPointError(f"step {step + 1}: non-finite loss {values}; the student was not "
+                                             f"updated. Lower --learning-rate or use --mixed-precision bf16/no, and "
+                                             f"continue with --resume latest")
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scaler.scale(losses["loss"]).backward()
                 if dist.enabled:
@@ -204,10 +211,6 @@ class RefineControlTrainer:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 dt = timer.lap()
-                values = {k: dist.all_reduce_mean(float(v.detach())) for k, v in losses.items()}
-                if not all(math.isfinite(v) for v in values.values()):
-                    raise FloatingPointError(f"step {step + 1}: non-finite loss {values}; lower --learning-rate or use "
-                                             f"--mixed-precision bf16/no")
                 if csv is not None:
                     csv.write({"step": step + 1, "stage": stage, **values, "lr": args.learning_rate,
                                "samples_per_s": args.batch_size * dist.world / max(dt, 1e-9),
