@@ -798,8 +798,8 @@ def _eval_twin_graph(ckpt: str, cn: str, image: str, mask: str, seed: int) -> di
 def test_api_workflow_and_eval_twin_run_through_comfyui_server(trained, evaluated, tmp_path_factory):
     """The example workflow's API twin runs with the trained student; and the
     image refine-control-eval reports for a record equals the image ComfyUI's
-    server makes from the same graph and seed (8-bit PNGs, at most one level
-    apart where float rounding straddles a step)."""
+    server makes from the same graph and seed (the 8-bit PNGs are identical
+    on the CPU)."""
     import io
     import shutil
     from headless.server import ComfyServer, copy_model
@@ -846,7 +846,9 @@ def test_api_workflow_and_eval_twin_run_through_comfyui_server(trained, evaluate
     ours = np.asarray(Image.open(evaluated["images"] / "00000_student.png").convert("RGB"), np.int16)
     assert server.shape == ours.shape == (32, 32, 3)
     diff = np.abs(server - ours)
-    assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())
+    # bit for bit on the CPU; on a GPU kernels may round differently across processes: one level
+    tolerance = 1 if torch.cuda.is_available() else 0
+    assert diff.max() <= tolerance, (diff.max(), (diff > 0).mean())
 
 
 def test_ui_workflow_matches_api_twin():
