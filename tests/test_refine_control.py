@@ -462,6 +462,33 @@ def test_sigkill_and_resume_gives_identical_losses_and_weights(trained):
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_resume_with_a_differently_built_student_fails_naming_the_option(trained, tmp_path):
+    import shutil
+    out = tmp_path / "other"
+    shutil.copytree(trained["out"] / "checkpoints", out / "checkpoints")
+    args = _train_args(trained["base"], trained["teacher"], trained["data"], out)
+    args[args.index("--layers") + 1] = "1"
+    proc = subprocess.run([sys.executable, "-m", "training", "refine-control", *args, "--resume", "latest"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600, env=_train_env())
+    assert proc.returncode != 0
+    assert "--layers 2 in the checkpoint, 1 now" in proc.stderr, proc.stderr[-3000:]
+    assert not (out / "log.csv").exists()
+
+
+def test_a_non_finite_loss_stops_the_run_before_the_update(trained, tmp_path):
+    out = tmp_path / "nan"
+    args = _train_args(trained["base"], trained["teacher"], trained["data"], out)
+    # step 1 moves the weights by ~1e30: step 2's loss is not finite
+    proc = subprocess.run([sys.executable, "-m", "training", "refine-control", *args, "--learning-rate", "1e30",
+                           "--max-grad-norm", "0"], cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env=_train_env())
+    assert proc.returncode != 0
+    assert "step 2: non-finite loss" in proc.stderr and "not updated" in proc.stderr, proc.stderr[-3000:]
+    from training import engine
+    assert [int(r["step"]) for r in engine.read_csv_log(out / "log.csv")] == [1]
+    assert not (out / "refine_control_student.safetensors").exists()
+
+
 def test_two_gloo_ranks_equal_one_rank_with_the_same_global_batch(trained):
     from safetensors.torch import load_file
     from headless.server import free_port
@@ -771,8 +798,8 @@ def _eval_twin_graph(ckpt: str, cn: str, image: str, mask: str, seed: int) -> di
 def test_api_workflow_and_eval_twin_run_through_comfyui_server(trained, evaluated, tmp_path_factory):
     """The example workflow's API twin runs with the trained student; and the
     image refine-control-eval reports for a record equals the image ComfyUI's
-    server makes from the same graph and seed (8-bit PNGs, at most one level
-    apart where float rounding straddles a step)."""
+    server makes from the same graph and seed (the 8-bit PNGs are identical
+    on the CPU)."""
     import io
     import shutil
     from headless.server import ComfyServer, copy_model
@@ -819,7 +846,9 @@ def test_api_workflow_and_eval_twin_run_through_comfyui_server(trained, evaluate
     ours = np.asarray(Image.open(evaluated["images"] / "00000_student.png").convert("RGB"), np.int16)
     assert server.shape == ours.shape == (32, 32, 3)
     diff = np.abs(server - ours)
-    assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())
+    # bit for bit on the CPU; on a GPU kernels may round differently across processes: one level
+    tolerance = 1 if torch.cuda.is_available() else 0
+    assert diff.max() <= tolerance, (diff.max(), (diff > 0).mean())
 
 
 def test_ui_workflow_matches_api_twin():

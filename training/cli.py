@@ -108,7 +108,7 @@ class _DeprecatedSpelling(argparse.Action):
 
 def add_deprecated_spelling(group, old: str, new: str, dest: str, **kwargs) -> None:
     """Accept ``old`` as a spelling of the option ``new`` (which stores into
-    ``dest``): hidden from ``--help``, a deprecation note on stderr when used.
-    ``kwargs`` are the new option's ``type``/``choices``/``nargs``."""
+    ``dest``), listed in ``--help`` as deprecated, with a deprecation note on
+    stderr when used. ``kwargs`` are the new option's ``type``/``choices``/``nargs``."""
     group.add_argument(old, dest=dest, action=_DeprecatedSpelling, new_spelling=new, default=argparse.SUPPRESS,
-                       help=argparse.SUPPRESS, **kwargs)
+                       metavar="", help=f"deprecated spelling of {new}", **kwargs)

@@ -189,6 +189,13 @@ class RefineControlTrainer:
             for step in range(start, total):
                 stage = 1 if step < args.stage1_steps else 2
                 losses = self.step_losses(step, stage)
+                # Checked before the update (all ranks see the same mean): the weights and the
+                # last checkpoint stay those of a finite step.
+                values = {k: dist.all_reduce_mean(float(v.detach())) for k, v in losses.items()}
+                if not all(math.isfinite(v) for v in values.values()):
+                    raise FloatingPointError(f"step {step + 1}: non-finite loss {values}; the student was not "
+                                             f"updated. Lower --learning-rate or use --mixed-precision bf16/no, and "
+                                             f"continue with --resume latest")
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scaler.scale(losses["loss"]).backward()
                 if dist.enabled:
@@ -204,10 +211,6 @@ class RefineControlTrainer:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 dt = timer.lap()
-                values = {k: dist.all_reduce_mean(float(v.detach())) for k, v in losses.items()}
-                if not all(math.isfinite(v) for v in values.values()):
-                    raise FloatingPointError(f"step {step + 1}: non-finite loss {values}; lower --learning-rate or use "
-                                             f"--mixed-precision bf16/no")
                 if csv is not None:
                     csv.write({"step": step + 1, "stage": stage, **values, "lr": args.learning_rate,
                                "samples_per_s": args.batch_size * dist.world / max(dt, 1e-9),
@@ -232,7 +235,9 @@ class RefineControlTrainer:
                 engine.save_tensors({k: v.float() for k, v in self.student_module.state_dict().items()},
                                     tmp / "student.safetensors")
                 engine.save_tensors(opt_tensors, tmp / "optimizer.safetensors")
-                engine.write_json(tmp / "state.json", {"step": step, "optimizer": opt_rest, "args": vars(self.args)})
+                engine.write_json(tmp / "state.json", {"step": step, "optimizer": opt_rest, "args": vars(self.args),
+                                                       "world": self.dist.world,
+                                                       "scaler": self.scaler.state_dict()})
                 self.store.commit(step)
             except OSError as e:
                 self.store.abort(step)
@@ -243,11 +248,36 @@ class RefineControlTrainer:
         from .. import engine
 
         state = json.loads((folder / "state.json").read_text())
+        self.check_resume_compatible(state)
         sd = engine.load_tensors(folder / "student.safetensors")
         self.student_module.load_state_dict({k: v.to(self.dist.device) for k, v in sd.items()})
         engine.load_optimizer(self.optimizer, engine.load_tensors(folder / "optimizer.safetensors"), state["optimizer"])
+        if state.get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
         log.info("resumed from %s (step %d)", folder, state["step"])
         return int(state["step"])
+
+    # Options that change what the checkpoint's student is: a resume with other values is an error.
+    RESUME_MUST_MATCH = ("layers", "teacher_wiring", "student_wiring", "convention")
+    # Options that change the run's course: a resume with other values is allowed, with a warning.
+    RESUME_SHOULD_MATCH = ("seed", "batch_size", "resolution", "stage1_steps", "af_features", "af_normalise",
+                           "fixed_noise", "w_task", "w_kd", "w_af", "alpha")
+
+    def check_resume_compatible(self, state: dict) -> None:
+        saved = state.get("args", {})
+        wrong = [f"--{k.replace('_', '-')} {saved[k]} in the checkpoint, {getattr(self.args, k)} now"
+                 for k in self.RESUME_MUST_MATCH if k in saved and saved[k] != getattr(self.args, k)]
+        if wrong:
+            raise ValueError("resume: the checkpoint's student was built differently (" + "; ".join(wrong) +
+                             "); pass the checkpoint's values or start a new --output")
+        for k in self.RESUME_SHOULD_MATCH:
+            if k in saved and saved[k] != getattr(self.args, k):
+                log.warning("resume: --%s was %s in the checkpoint and is %s now; the run will not repeat the "
+                            "interrupted one exactly", k.replace("_", "-"), saved[k], getattr(self.args, k))
+        world = state.get("world")
+        if world is not None and world != self.dist.world:
+            log.warning("resume: the checkpoint ran on %d rank(s), this run on %d; the global batch changes "
+                        "unless --batch-size was adjusted", world, self.dist.world)
 
 
 def run(args) -> int:
