@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 # Key in the per-call transformer_options holding the BalancedInjection.
 INJECTION_KEY = "balanced_control_injection"
-# Labels of minimal-impact controls that ran in this call but were outside their range.
+# (label, control) of the minimal-impact controls that ran in this call but were outside their range.
 INACTIVE_KEY = "balanced_control_inactive"
 WRAPPER_KEY = "balanced_control"
 
@@ -338,8 +338,16 @@ class BalancedInjection:
     def _publish(self, sigma) -> None:
         rec = self.record
         rec.sigma = sigma
-        active = {e.label for e in self.entries}
-        rec.inactive = [lab for lab in self.transformer_options.get(INACTIVE_KEY, []) if lab not in active]
+        active = {id(e.control) for e in self.entries}
+        taken = {e.label for e in self.entries}
+        for label, control in self.transformer_options.get(INACTIVE_KEY, []):
+            if id(control) in active:
+                continue
+            unique, k = label, 2
+            while unique in taken:
+                unique, k = f"{label} ({k})", k + 1
+            taken.add(unique)
+            rec.inactive.append(unique)
         rec.strengths = {e.label: e.strength for e in self.entries}
         for e in self.entries:
             if e.control is None:

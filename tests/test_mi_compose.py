@@ -154,3 +154,25 @@ def test_t2i_adapter_none_entries_do_not_warn(tiny, caplog):
     with caplog.at_level(logging.WARNING):
         inj2.finish()
     assert [rec for rec in caplog.records if "more layers than the model" in rec.getMessage()]
+
+
+def test_controlnext_injection_runs_before_freeu():
+    """ControlNeXt's middle injection shares the output-block-0 place: it runs first too,
+    whichever order FreeU and ControlNeXt were applied in."""
+    from balanced_control.model_patches import controlnext as cx
+    from test_controlnext import SD15_CNX_UNET, _patcher, run_model, weights_for
+    from headless import synthetic as syn
+
+    model = _patcher(syn.build_unet_model(SD15_CNX_UNET, seed=5))
+    w = weights_for("sd15", seed=3)
+    assert cx.VARIANTS["sd15"].injection == "middle"
+    image = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(4))
+    freeu = lambda m: FreeU().patch(m, 1.3, 1.4, 0.9, 0.2)[0]  # noqa: E731
+    cnx_then_freeu = freeu(cx.apply_controlnext(model, w, image))
+    freeu_then_cnx = cx.apply_controlnext(freeu(model), w, image)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    sigma = torch.full((2,), 2.5)
+    a = run_model(cnx_then_freeu, x, sigma, [1, 0])
+    b = run_model(freeu_then_cnx, x, sigma, [1, 0])
+    assert torch.equal(a, b)
+    assert not torch.equal(b, run_model(freeu(model), x, sigma, [1, 0]))
