@@ -223,3 +223,19 @@ def test_strength_scaling_option_reaches_sampling(tiny):
     p2, n2 = mi_apply(tiny["pos"], tiny["neg"], tiny["cns"][0], tiny["images"][0], 2.0)
     assert not torch.allclose(run(linear, p2, n2), run(with_settings(tiny["patcher"], "micontrolnet"), p2, n2),
                               atol=1e-3)
+
+
+def test_same_sigma_main_pass_replaces_and_guidance_pass_keeps():
+    """Heun evaluates the sigma of its correction again at the next step (both main passes,
+    cond + uncond rows): the later one is kept; a guidance pass ([0] only) after it is not."""
+    control = _control(1.0)
+    records = []
+    for labels in ([1, 0], [1, 0], [0]):
+        to = {"cond_or_uncond": labels, "sigmas": torch.tensor([0.5])}
+        inj = mi_injection.BalancedInjection(mi_control.BalanceSettings(mode="vanilla"), to)
+        rows = len(labels)
+        inj.add("c", {"output": [torch.randn(rows, 4, 2, 2)]}, control)
+        inj._inject(torch.randn(rows, 4, 2, 2), "output", "output 0 skip")
+        inj.finish()
+        records.append(inj.record)
+    assert control.last_balance_record is records[1]
