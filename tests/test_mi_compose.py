@@ -176,3 +176,22 @@ def test_controlnext_injection_runs_before_freeu():
     b = run_model(freeu_then_cnx, x, sigma, [1, 0])
     assert torch.equal(a, b)
     assert not torch.equal(b, run_model(freeu(model), x, sigma, [1, 0]))
+
+
+def test_vanilla_arithmetic_is_cores_with_mixed_dtypes():
+    """fp32 residuals on an fp16 feature: summed like control_merge (prev + new, residual dtype) and
+    added like apply_control's in-place `h += ctrl` (one rounding to fp16)."""
+    from comfy.ldm.modules.diffusionmodules.openaimodel import apply_control
+
+    g = torch.Generator().manual_seed(11)
+    feature = (torch.randn(2, 8, 4, 4, generator=g) * 30).to(torch.float16)
+    r1, r2 = torch.randn(2, 8, 4, 4, generator=g) * 7, torch.randn(1, 8, 4, 4, generator=g) * 7
+    core = apply_control(feature.clone(), {"output": [r1 + r2]}, "output")
+    inj = mi_injection.BalancedInjection(mi_control.BalanceSettings(mode="vanilla", record_balance=False),
+                                         {"cond_or_uncond": [1, 0]})
+    inj.add("a", {"output": [r1]}, None)
+    inj.add("b", {"output": [r2]}, None)
+    ours = inj._inject(feature, "output", "output 0 skip")
+    assert ours.dtype == torch.float16 and torch.equal(ours, core)
+    # Casting each residual to fp16 first (the former arithmetic) rounds differently.
+    assert not torch.equal(feature + r1.half() + r2.half(), core)
