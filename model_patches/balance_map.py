@@ -92,7 +92,7 @@ def _render_row(record, row: int, latent: int, latents: int, cell: int) -> torch
     for i, lab in enumerate(inactive):
         y = 34 + 16 * (len(labels) + i)
         draw.rectangle([pad, y, pad + 12, y + 12], outline=(120, 120, 120))
-        draw.text((pad + 18, y), f"{lab}: inactive on this call (outside its start/end range)",
+        draw.text((pad + 18, y), f"{lab} (inactive: outside its range)",
                   fill=(150, 150, 150), font=font)
     draw.text((text_w + pad, legend_h - 16), "dominance", fill=(200, 200, 200), font=font)
     draw.text((text_w + 2 * pad + cell_w, legend_h - 16), "control/UNet", fill=(200, 200, 200), font=font)

@@ -46,7 +46,8 @@ import comfy.controlnet
 import comfy.utils
 
 from .balance import GRANULARITIES, LAMBDA_CONVENTIONS, reduction_memory_bytes
-from .mi_injection import INACTIVE_KEY, INJECTION_KEY, WRAPPER_KEY, BalancedInjection, BalanceRecord  # noqa: F401
+from . import mi_injection
+from .mi_injection import INACTIVE_KEY, INJECTION_KEY, WRAPPER_KEY, BalanceRecord  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -165,13 +166,20 @@ def check_control_fits_model(control: comfy.controlnet.ControlBase, model, label
 # --------------------------------------------------------------------------
 
 
+class BalancedInjection(mi_injection.BalancedInjection):
+    @classmethod
+    def for_call(cls, transformer_options: dict) -> "BalancedInjection":
+        """The call's injection; the first minimal-impact control of a call
+        creates it with the settings in ``transformer_options`` and registers it."""
+        inj = transformer_options.get(INJECTION_KEY)
+        if inj is None:
+            inj = cls(BalanceSettings.from_transformer_options(transformer_options), transformer_options)
+            inj.register(transformer_options)
+        return inj
+
+
 def injection_for_call(transformer_options: dict) -> BalancedInjection:
-    """The call's BalancedInjection; the first minimal-impact control of a call creates and registers it."""
-    inj = transformer_options.get(INJECTION_KEY)
-    if inj is None:
-        inj = BalancedInjection(BalanceSettings.from_transformer_options(transformer_options), transformer_options)
-        inj.register(transformer_options)
-    return inj
+    return BalancedInjection.for_call(transformer_options)
 
 
 # --------------------------------------------------------------------------
@@ -258,7 +266,7 @@ class MinimalImpactControl(WrappedControl):
             injection_for_call(transformer_options).add(self.label, own, self)
         else:
             # Outside its start/end range on this call: named as inactive in the balance map.
-            transformer_options[INACTIVE_KEY] = list(transformer_options.get(INACTIVE_KEY, [])) + [self.label]
+            transformer_options[INACTIVE_KEY] = list(transformer_options.get(INACTIVE_KEY, [])) + [(self.label, self)]
         # Core controls of the chain keep their plain sum.
         return control_prev
 

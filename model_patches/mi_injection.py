@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 # Key in the per-call transformer_options holding the BalancedInjection.
 INJECTION_KEY = "balanced_control_injection"
-# Labels of minimal-impact controls that ran in this call but were outside their range.
+# (label, control) of the minimal-impact controls that ran in this call but were outside their range.
 INACTIVE_KEY = "balanced_control_inactive"
 WRAPPER_KEY = "balanced_control"
 
@@ -338,16 +338,28 @@ class BalancedInjection:
     def _publish(self, sigma) -> None:
         rec = self.record
         rec.sigma = sigma
-        active = {e.label for e in self.entries}
-        rec.inactive = [lab for lab in self.transformer_options.get(INACTIVE_KEY, []) if lab not in active]
+        active = {id(e.control) for e in self.entries}
+        taken = {e.label for e in self.entries}
+        for label, control in self.transformer_options.get(INACTIVE_KEY, []):
+            if id(control) in active:
+                continue
+            unique, k = label, 2
+            while unique in taken:
+                unique, k = f"{label} ({k})", k + 1
+            taken.add(unique)
+            rec.inactive.append(unique)
         rec.strengths = {e.label: e.strength for e in self.entries}
+        # A guidance pass (PAG, SAG) runs after the main pass at the same sigma, with
+        # one conditioning list (labels [0] only): the main pass's record stays. A call
+        # holding cond and uncond rows is a main pass (e.g. Heun's next step at the
+        # sigma of its correction) and replaces it.
+        main_pass = 0 in self.cond_or_uncond and 1 in self.cond_or_uncond
         for e in self.entries:
             if e.control is None:
                 continue
             prev = getattr(e.control, "last_balance_record", None)
-            # A second call with positive rows at the same sigma is a guidance pass
-            # (PAG, SAG) after the main one: the main pass's record stays.
-            if prev is None or prev.sigma is None or sigma is None or abs(prev.sigma - sigma) > 1e-6 * max(abs(sigma), 1e-8):
+            if (prev is None or prev.sigma is None or sigma is None or main_pass
+                    or abs(prev.sigma - sigma) > 1e-6 * max(abs(sigma), 1e-8)):
                 e.control.last_balance_record = rec
 
     def _nonfinite_message(self, kind, label, layer, checks, read) -> str:

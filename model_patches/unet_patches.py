@@ -27,7 +27,7 @@ def prepend_patches(patches: dict | None, new: dict) -> dict:
     model's options (or another call's)."""
     out = dict(patches or {})
     for name, fn in new.items():
-        out[name] = [p for p in out.get(name, []) if p is not fn] + [fn]
+        out[name] = [fn] + [p for p in out.get(name, []) if p is not fn]
     return out
 
 

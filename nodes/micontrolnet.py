@@ -28,7 +28,7 @@ from .common import attach_controls, node_label
 
 CATEGORY = "conditioning/controlnet/balanced"
 
-# Measured on two SD1.5 ControlNets at 128 px (docs/micontrolnet.md has the method).
+# Figures and their derivation: README.md, section Strength.
 STRENGTH_TOOLTIP = (
     "Scales this control's residuals. With the default strength_scaling 'paper' the effect is strongly "
     "non-linear: under add^com the strength also moves the weights (control A's weight 0.21 / 0.50 / 0.80 at "

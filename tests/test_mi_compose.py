@@ -154,3 +154,44 @@ def test_t2i_adapter_none_entries_do_not_warn(tiny, caplog):
     with caplog.at_level(logging.WARNING):
         inj2.finish()
     assert [rec for rec in caplog.records if "more layers than the model" in rec.getMessage()]
+
+
+def test_controlnext_injection_runs_before_freeu():
+    """ControlNeXt's middle injection shares the output-block-0 place: it runs first too,
+    whichever order FreeU and ControlNeXt were applied in."""
+    from balanced_control.model_patches import controlnext as cx
+    from test_controlnext import SD15_CNX_UNET, _patcher, run_model, weights_for
+    from headless import synthetic as syn
+
+    model = _patcher(syn.build_unet_model(SD15_CNX_UNET, seed=5))
+    w = weights_for("sd15", seed=3)
+    assert cx.VARIANTS["sd15"].injection == "middle"
+    image = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(4))
+    freeu = lambda m: FreeU().patch(m, 1.3, 1.4, 0.9, 0.2)[0]  # noqa: E731
+    cnx_then_freeu = freeu(cx.apply_controlnext(model, w, image))
+    freeu_then_cnx = cx.apply_controlnext(freeu(model), w, image)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    sigma = torch.full((2,), 2.5)
+    a = run_model(cnx_then_freeu, x, sigma, [1, 0])
+    b = run_model(freeu_then_cnx, x, sigma, [1, 0])
+    assert torch.equal(a, b)
+    assert not torch.equal(b, run_model(freeu(model), x, sigma, [1, 0]))
+
+
+def test_vanilla_arithmetic_is_cores_with_mixed_dtypes():
+    """fp32 residuals on an fp16 feature: summed like control_merge (prev + new, residual dtype) and
+    added like apply_control's in-place `h += ctrl` (one rounding to fp16)."""
+    from comfy.ldm.modules.diffusionmodules.openaimodel import apply_control
+
+    g = torch.Generator().manual_seed(11)
+    feature = (torch.randn(2, 8, 4, 4, generator=g) * 30).to(torch.float16)
+    r1, r2 = torch.randn(2, 8, 4, 4, generator=g) * 7, torch.randn(1, 8, 4, 4, generator=g) * 7
+    core = apply_control(feature.clone(), {"output": [r1 + r2]}, "output")
+    inj = mi_injection.BalancedInjection(mi_control.BalanceSettings(mode="vanilla", record_balance=False),
+                                         {"cond_or_uncond": [1, 0]})
+    inj.add("a", {"output": [r1]}, None)
+    inj.add("b", {"output": [r2]}, None)
+    ours = inj._inject(feature, "output", "output 0 skip")
+    assert ours.dtype == torch.float16 and torch.equal(ours, core)
+    # Casting each residual to fp16 first (the former arithmetic) rounds differently.
+    assert not torch.equal(feature + r1.half() + r2.half(), core)

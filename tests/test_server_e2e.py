@@ -101,6 +101,37 @@ def test_core_graph_is_unchanged_by_a_prompt_with_these_nodes(server):
     assert png(balanced).tobytes() != png(after).tobytes()
 
 
+MODEL_PATCH_NODES = {
+    "FreeU": {"class_type": "FreeU", "inputs": {"model": ["1", 0], "b1": 1.3, "b2": 1.4, "s1": 0.9, "s2": 0.2}},
+    "DeepShrink": {"class_type": "PatchModelAddDownscale",
+                   "inputs": {"model": ["1", 0], "block_number": 1, "downscale_factor": 2.0, "start_percent": 0.0,
+                              "end_percent": 0.6, "downscale_after_skip": True, "downscale_method": "bicubic",
+                              "upscale_method": "bicubic"}},
+}
+
+
+@pytest.mark.parametrize("patch", list(MODEL_PATCH_NODES))
+def test_model_patches_compose_through_the_server(server, patch):
+    """FreeU / Deep Shrink on the model: vanilla gives core's image, micontrolnet runs and draws its map."""
+    core = core_only_prompt(server)
+    core["20"] = MODEL_PATCH_NODES[patch]
+    core["12"]["inputs"]["model"] = ["20", 0]
+    core_image = png(server.output_images(server.run(core))["14"][0])
+    plain = core_only_prompt(server)
+    assert core_image.tobytes() != png(server.output_images(server.run(plain))["14"][0]).tobytes()
+
+    prompt = example_prompt(server)
+    prompt["20"] = MODEL_PATCH_NODES[patch]
+    prompt["10"]["inputs"]["model"] = ["20", 0]
+    prompt["10"]["inputs"]["mode"] = "vanilla"
+    images = server.output_images(server.run(prompt))
+    assert png(images["14"][0]).tobytes() == core_image.tobytes()
+    prompt["10"]["inputs"]["mode"] = "micontrolnet"
+    images = server.output_images(server.run(prompt))
+    assert png(images["14"][0]).tobytes() != core_image.tobytes()
+    assert png(images["16"][0]).size[1] > 200
+
+
 def test_template_browser_lists_the_example(server):
     templates = server.get_json("/workflow_templates")
     ours = [names for module, names in templates.items() if "BalancedControl" in module]
