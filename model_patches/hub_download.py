@@ -64,7 +64,7 @@ def sha256_file(path, chunk: int = 8 << 20) -> str:
 
 def comfy_folder(folder: str) -> Path:
     """The directory ComfyUI's folder_paths registers first for ``folder``
-    (extra_model_paths included), else ``models/<folder>``."""
+    (in a running ComfyUI, extra_model_paths.yaml included), else ``models/<folder>``."""
     import folder_paths
 
     if folder in folder_paths.folder_names_and_paths:
@@ -186,7 +186,8 @@ def explain(exc: BaseException, entry: HubFile, endpoint: str) -> tuple[str, boo
     """(a message for the user, whether another try may succeed)."""
     where = f"{entry.repo_id}@{entry.revision}:{entry.filename} from {endpoint}"
     names = [{c.__name__ for c in type(e).__mro__} for e in _chain(exc)]
-    text = " | ".join(str(e).splitlines()[0] if str(e) else type(e).__name__ for e in _chain(exc))
+    parts = [str(e).splitlines()[0] if str(e).strip() else type(e).__name__ for e in _chain(exc)]
+    text = " | ".join(dict.fromkeys(parts))   # each distinct message once, outermost first
     statuses = [s for s in (_status(e) for e in _chain(exc)) if s]
     status = statuses[0] if statuses else None
     flat = set().union(*names)

@@ -173,6 +173,25 @@ def test_existing_different_file_needs_force(hub, tmp_path):
     assert target.read_bytes() == data
 
 
+def test_comfyui_cancel_is_not_swallowed(hub, tmp_path):
+    """ComfyUI's Cancel raises InterruptProcessingException out of the progress
+    hook: it stops the download at once (no retry) and no file is kept."""
+    import comfy.model_management as mm
+
+    entry = serve(hub, BIG, random_bytes(12 * MiB, 10))
+
+    def cancel(done, total):
+        if done:
+            raise mm.InterruptProcessingException()
+
+    if hd.hub_version() < (1, 1):
+        pytest.fail("huggingface_hub < 1.1 has no tqdm_class: progress and Cancel are not wired")
+    with pytest.raises(mm.InterruptProcessingException):
+        hd.download(entry, tmp_path / "controlnext", endpoint=hub.endpoint, progress=cancel, log=lambda m: None)
+    assert len(hub.gets()) == 1
+    assert not hd.target_path(entry, tmp_path / "controlnext").exists()
+
+
 def test_cli_unknown_name_lists_the_known_ones(tmp_path, capsys):
     from training.__main__ import main
 

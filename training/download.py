@@ -21,8 +21,9 @@ table's sha256 and refused (and removed) on a mismatch. Interrupted downloads
 are retried (--tries); huggingface_hub <= 1.17 resumes the partial file.
 
 HF_TOKEN is sent when set (gated or private repos); HF_ENDPOINT (or
---endpoint) selects a mirror. Without --models-dir the folders come from the
-ComfyUI tree ($COMFYUI_PATH, else the cached one), extra_model_paths included.
+--endpoint) selects a mirror. Without --models-dir the folders are those
+ComfyUI's folder_paths registers in the ComfyUI tree ($COMFYUI_PATH, else the
+cached one); pass --models-dir for another models directory.
 """
 
 
