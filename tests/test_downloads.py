@@ -251,6 +251,15 @@ def test_node_fetches_into_the_folder_the_controlnext_loader_reads(hub, tmp_path
     calls = []
     monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", lambda v, t, p, node_id=None: calls.append((v, t, node_id)))
 
+    import asyncio
+    import balanced_control
+
+    nodes = asyncio.run(asyncio.run(balanced_control.comfy_entrypoint()).get_node_list())
+    assert BalancedControlDownload in nodes
+    BalancedControlDownload.VALIDATE_CLASS()
+    info = BalancedControlDownload.GET_NODE_INFO_V1()
+    assert info["output_node"] and info["input"]["required"]["name"][1]["options"] == sorted(ht.TABLE)
+
     out = BalancedControlDownload.execute(name=entry.name)
     assert out.result == ("ControlAny-SDXL/anime_canny/controlnet.safetensors",)
     assert calls and calls[-1][:2] == (entry.size, entry.size)
