@@ -33,6 +33,7 @@ from typing import Callable
 from .hub_table import HubFile
 
 MARKER_DIR = Path(".cache") / "balancedcontrol"
+ORPHAN_AGE_S = 3600
 _TRANSIENT = {"TransportError", "RemoteProtocolError", "ConnectError", "ConnectTimeout", "ReadTimeout",
               "TimeoutException", "ReadError", "ChunkedEncodingError", "ProtocolError", "IncompleteRead",
               "ConnectionError", "Timeout"}
@@ -129,17 +130,18 @@ def _write_marker(entry: HubFile, folder_dir) -> None:
     marker.write_text(f"{entry.sha256} {st.st_size} {st.st_mtime_ns}\n")
 
 
-def remove(entry: HubFile, folder_dir, keep_partials: bool = False) -> None:
-    """Remove the entry's file, its metadata and marker (and its partial files
-    unless ``keep_partials``), then every folder this left empty, so the models
-    folder is as it was before the download."""
+def remove(entry: HubFile, folder_dir) -> None:
+    """Remove the entry's file, its metadata and marker, then every folder this
+    left empty, so the models folder is as it was before the download. Partial
+    files stay: huggingface_hub ≤ 1.17 resumes them, later versions delete their
+    own (and ``download`` clears stale orphans)."""
     folder_dir = Path(folder_dir)
     meta, lock, _ = _hf_paths(entry, folder_dir)
     doomed = [target_path(entry, folder_dir), meta, lock, _marker(entry, folder_dir)]
-    if not keep_partials:
-        doomed += partial_files(entry, folder_dir)
+    busy = bool(partial_files(entry, folder_dir))   # a partial (resumable, or another process's): keep its lock
     for p in doomed:
-        p.unlink(missing_ok=True)
+        if not (busy and p == lock):
+            p.unlink(missing_ok=True)
     hf_dir = folder_dir / entry.subdir / ".cache" / "huggingface"
     if hf_dir.is_dir() and not any(p.is_file() for p in (hf_dir / "download").rglob("*")):
         shutil.rmtree(hf_dir)   # only .gitignore / CACHEDIR.TAG and empty folders were left
@@ -263,8 +265,11 @@ def download(entry: HubFile, folder_dir, *, endpoint: str | None = None, token: 
     version = hub_version()
     resumable = resumes_across_calls(version)
     if not resumable:
-        for stale in partial_files(entry, folder_dir):   # orphans of killed runs: never reused from 1.18 on
-            stale.unlink(missing_ok=True)
+        # Orphans of killed runs are never reused from 1.18 on; an hour without a write
+        # tells them from the temporary file of a download running in another process.
+        for stale in partial_files(entry, folder_dir):
+            if time.time() - stale.stat().st_mtime > ORPHAN_AGE_S:
+                stale.unlink(missing_ok=True)
     endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
     kwargs = dict(repo_id=entry.repo_id, filename=entry.filename, revision=entry.revision,
                   local_dir=str(Path(folder_dir) / entry.subdir), endpoint=endpoint, token=token)
@@ -285,8 +290,8 @@ def download(entry: HubFile, folder_dir, *, endpoint: str | None = None, token: 
                     + (" (resuming the partial file)" if resumable else ""))
                 time.sleep(backoff_s * attempt)
                 continue
-            remove(entry, folder_dir, keep_partials=resumable and transient)
-            kept = " The partial file is kept; the next run resumes it." if resumable and transient and \
+            remove(entry, folder_dir)
+            kept = " The partial file is kept; the next run resumes it." if resumable and \
                 partial_files(entry, folder_dir) else ""
             raise DownloadError(f"{entry.name}: download failed after {attempt} attempt(s): {message}.{kept}") \
                 from exc

@@ -160,6 +160,30 @@ def test_hub_errors_are_named(hub, tmp_path, mode, message):
     assert files_under(tmp_path) == []
 
 
+def test_offline_mode_is_reported_and_orphans_are_cleared(hub, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    entry = serve(hub, NAME, random_bytes(1000, 11))
+    folder = tmp_path / "controlnext"
+    meta, _, (parent, _) = hd._hf_paths(entry, folder)
+    parent.mkdir(parents=True)
+    import base64
+
+    short = base64.urlsafe_b64encode(hashlib.sha1(meta.name.encode()).digest()).decode()
+    old, fresh = parent / f"{short}.{entry.sha256}.aaaa1111.incomplete", parent / f"{short}.{entry.sha256}.bbbb2222.incomplete"
+    for p in (old, fresh):
+        p.write_bytes(b"partial")
+    os.utime(old, (0, 0))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(hd.DownloadError, match="offline mode"):
+        hd.download(entry, folder, endpoint=hub.endpoint, log=lambda m: None, backoff_s=0)
+    assert hub.requests == []
+    if hd.resumes_across_calls():
+        assert old.exists() and fresh.exists()     # the next call resumes them
+    else:
+        assert not old.exists() and fresh.exists()  # a stale orphan goes; a live download elsewhere stays
+
+
 def test_existing_different_file_needs_force(hub, tmp_path):
     data = random_bytes(1000, 8)
     entry = serve(hub, NAME, data)
