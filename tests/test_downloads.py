@@ -293,3 +293,18 @@ def test_node_fetches_into_the_folder_the_controlnext_loader_reads(hub, tmp_path
 
     with pytest.raises(ValueError, match="no downloadable file called 'nope'; known names: .*controlnext-svd-v2"):
         BalancedControlDownload.execute(name="nope")
+
+
+def test_cli_help_explains_every_option():
+    import argparse
+
+    from training.__main__ import SUBCOMMANDS
+
+    out = subprocess.run([sys.executable, "-m", "training", "download", "--help"], cwd=REPO, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    parser = argparse.ArgumentParser()
+    SUBCOMMANDS["download"][1](parser)
+    for action in parser._actions:
+        assert action.help, f"download: {action.dest} has no help"
+        assert (action.option_strings or [action.metavar])[0] in out.stdout
