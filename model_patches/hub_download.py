@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -34,6 +35,7 @@ from .hub_table import HubFile
 
 MARKER_DIR = Path(".cache") / "balancedcontrol"
 ORPHAN_AGE_S = 3600
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _TRANSIENT = {"TransportError", "RemoteProtocolError", "ConnectError", "ConnectTimeout", "ReadTimeout",
               "TimeoutException", "ReadError", "ChunkedEncodingError", "ProtocolError", "IncompleteRead",
               "ConnectionError", "Timeout"}
@@ -234,6 +236,36 @@ def _sniff(path: Path) -> str:
     return ""
 
 
+def _check_announced(entry: HubFile, endpoint: str, token) -> None:
+    """Refuse before transferring anything when the Hub announces another file:
+    its ETag is the sha256 for LFS/Xet files (a git sha1, ignored, for small
+    ones), and its size. Best effort: when the HEAD fails, the download call
+    that follows asks again and reports what went wrong."""
+    import huggingface_hub
+
+    try:
+        url = huggingface_hub.hf_hub_url(entry.repo_id, entry.filename, revision=entry.revision, endpoint=endpoint)
+        meta = huggingface_hub.get_hf_file_metadata(url, token=token)
+    except Exception as exc:
+        if type(exc).__name__ == "InterruptProcessingException":
+            raise
+        return
+    etag = str(meta.etag or "").strip('"').lower()
+    announced_size = getattr(meta, "size", None)
+    if not getattr(meta, "commit_hash", None) or not etag:
+        return   # not a Hub answer (an HTML page...): the download call reports it
+    if (_SHA256.match(etag) and etag != entry.sha256) or \
+            (entry.size is not None and announced_size is not None and announced_size != entry.size):
+        table_note = "" if entry.confirmed else (
+            " This entry's checksum was read from a pull-request commit, so the table may be out of date: "
+            "please report it.")
+        raise DownloadError(
+            f"{entry.name}: {endpoint} announces {entry.repo_id}@{entry.revision}:{entry.filename} as sha256 "
+            f"{etag or '?'} ({announced_size} B); the table expects {entry.sha256}"
+            f"{'' if entry.size is None else f' ({entry.size} B)'}. Not downloaded: it is not the released "
+            f"file (a mirror serving other content, or a changed repository).{table_note}")
+
+
 def download(entry: HubFile, folder_dir, *, endpoint: str | None = None, token: str | bool | None = None,
              tries: int = 3, force: bool = False, progress: Callable[[int, int], None] | None = None,
              log: Callable[[str], None] = print, backoff_s: float = 1.0) -> Path:
@@ -277,6 +309,7 @@ def download(entry: HubFile, folder_dir, *, endpoint: str | None = None, token: 
         kwargs["tqdm_class"] = _progress_tqdm(progress)
     log(f"{entry.name}: downloading {entry.repo_id}@{entry.revision[:12]}:{entry.filename} from {endpoint} "
         f"to {path}")
+    _check_announced(entry, endpoint, token)
     for attempt in range(1, tries + 1):
         try:
             huggingface_hub.hf_hub_download(**kwargs)

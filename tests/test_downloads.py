@@ -78,7 +78,7 @@ def test_download_verifies_and_repeat_makes_no_request(hub, tmp_path):
                        log=lambda m: None)
     assert path == tmp_path / "controlnext" / "ControlNeXt-SVD" / "v2" / "controlnet.bin"
     assert path.read_bytes() == data
-    assert [m for m, _, _ in hub.requests] == ["HEAD", "GET"]
+    assert [m for m, _, _ in hub.requests] == ["HEAD", "HEAD", "GET"]   # ETag check, then the download
     assert seen[-1] == (len(data), len(data))
     hub.set_mode("normal")
     assert hd.download(entry, tmp_path / "controlnext", endpoint=hub.endpoint, log=lambda m: None) == path
@@ -129,6 +129,16 @@ def test_checksum_mismatch_is_refused_and_nothing_is_left(hub, tmp_path):
     assert f"received {received}" in str(err.value) and f"expected {entry.sha256}" in str(err.value)
     assert files_under(root) == []
     assert not (root / "controlnext" / "ControlNeXt-SVD").exists()
+
+
+def test_hub_announcing_another_file_is_refused_before_the_transfer(hub, tmp_path):
+    entry = serve(hub, BIG, random_bytes(12 * MiB, 12))
+    stale = dataclasses.replace(entry, sha256=hashlib.sha256(b"the table's file").hexdigest())
+    with pytest.raises(hd.DownloadError, match=f"announces .* as sha256 {entry.sha256}.*table expects "
+                                               f"{stale.sha256}.*Not downloaded"):
+        hd.download(stale, tmp_path / "controlnext", endpoint=hub.endpoint, log=lambda m: None)
+    assert hub.gets() == []
+    assert files_under(tmp_path) == []
 
 
 def test_html_page_instead_of_the_hub_is_reported(hub, tmp_path):
@@ -246,9 +256,9 @@ def test_cli_honours_hf_endpoint_and_hf_token(hub, tmp_path):
     assert out.returncode == 0, out.stderr
     path = tmp_path / "models" / "controlnet" / "SD3-Controlnet-Inpainting" / "diffusion_pytorch_model.safetensors"
     assert path.read_bytes() == data
-    (head,) = [h for m, _, h in hub.requests if m == "HEAD"]
+    heads = [h for m, _, h in hub.requests if m == "HEAD"]
     (get,) = hub.gets()
-    assert head["authorization"] == "Bearer hf_mocktoken"
+    assert heads and all(h["authorization"] == "Bearer hf_mocktoken" for h in heads)
     assert "authorization" not in get
     assert f"controlnet / SD3-Controlnet-Inpainting/diffusion_pytorch_model.safetensors" in out.stdout
 
