@@ -7,6 +7,7 @@ are never faked)."""
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import hashlib
 import json
@@ -74,8 +75,8 @@ def test_download_verifies_and_repeat_makes_no_request(hub, tmp_path):
     data = random_bytes(300_000, 1)
     entry = serve(hub, NAME, data)
     seen = []
-    path = hd.download(entry, tmp_path / "controlnext", endpoint=hub.endpoint, progress=lambda d, t: seen.append((d, t)),
-                       log=lambda m: None)
+    path = hd.download(entry, tmp_path / "controlnext", endpoint=hub.endpoint,
+                       progress=lambda d, t: seen.append((d, t)), log=lambda m: None)
     assert path == tmp_path / "controlnext" / "ControlNeXt-SVD" / "v2" / "controlnet.bin"
     assert path.read_bytes() == data
     assert [m for m, _, _ in hub.requests] == ["HEAD", "HEAD", "GET"]   # ETag check, then the download
@@ -177,10 +178,8 @@ def test_offline_mode_is_reported_and_orphans_are_cleared(hub, tmp_path, monkeyp
     folder = tmp_path / "controlnext"
     meta, _, (parent, _) = hd._hf_paths(entry, folder)
     parent.mkdir(parents=True)
-    import base64
-
     short = base64.urlsafe_b64encode(hashlib.sha1(meta.name.encode()).digest()).decode()
-    old, fresh = parent / f"{short}.{entry.sha256}.aaaa1111.incomplete", parent / f"{short}.{entry.sha256}.bbbb2222.incomplete"
+    old, fresh = (parent / f"{short}.{entry.sha256}.{uid}.incomplete" for uid in ("aaaa1111", "bbbb2222"))
     for p in (old, fresh):
         p.write_bytes(b"partial")
     os.utime(old, (0, 0))
@@ -260,7 +259,7 @@ def test_cli_honours_hf_endpoint_and_hf_token(hub, tmp_path):
     (get,) = hub.gets()
     assert heads and all(h["authorization"] == "Bearer hf_mocktoken" for h in heads)
     assert "authorization" not in get
-    assert f"controlnet / SD3-Controlnet-Inpainting/diffusion_pytorch_model.safetensors" in out.stdout
+    assert "controlnet / SD3-Controlnet-Inpainting/diffusion_pytorch_model.safetensors" in out.stdout
 
 
 def test_node_fetches_into_the_folder_the_controlnext_loader_reads(hub, tmp_path, monkeypatch):
