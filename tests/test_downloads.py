@@ -317,3 +317,27 @@ def test_cli_help_explains_every_option():
     for action in parser._actions:
         assert action.help, f"download: {action.dest} has no help"
         assert (action.option_strings or [action.metavar])[0] in out.stdout
+
+
+def test_node_in_a_comfyui_server_refuses_bytes_that_are_not_the_release(hub, tmp_path, monkeypatch):
+    """ComfyUI's own server, HF_ENDPOINT in its environment pointing at the
+    mock, the real table: the mock's synthetic bytes are not the released file,
+    so the prompt fails with the checksum message and models/controlnext stays
+    empty; an HTML portal is reported as such."""
+    from headless.server import ComfyServer
+
+    real = ht.TABLE[NAME]
+    hub.add(real.repo_id, real.filename, random_bytes(5000, 13))
+    monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    base = tmp_path / "comfy"
+    prompt = {"1": {"class_type": "BalancedControlDownload", "inputs": {"name": NAME}}}
+    with ComfyServer(base, extra_args=["--cache-none"]) as srv:
+        info = srv.get_json("/object_info/BalancedControlDownload")["BalancedControlDownload"]
+        assert info["output_node"] and NAME in info["input"]["required"]["name"][1]["options"]
+        with pytest.raises(RuntimeError, match="announces .*the table expects " + real.sha256):
+            srv.run(prompt, timeout=120)
+        hub.set_mode("html")
+        with pytest.raises(RuntimeError, match="not a Hub file"):
+            srv.run(prompt, timeout=120)
+    assert files_under(base / "models" / "controlnext") == []
