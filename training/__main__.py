@@ -9,7 +9,7 @@ SUBCOMMANDS: dict = {}
 def _register():
     # Heavy modules (torch, ComfyUI) are imported by each subcommand's run(),
     # so --help answers at once.
-    from . import controlnext, evaluate, micontrolnet, refine_control
+    from . import controlnext, download, evaluate, micontrolnet, refine_control
 
     SUBCOMMANDS["micontrolnet"] = (micontrolnet.HELP, micontrolnet.add_arguments, micontrolnet.run)
     SUBCOMMANDS["controlnext"] = (controlnext.HELP, controlnext.add_arguments, controlnext.run)
@@ -17,6 +17,7 @@ def _register():
     SUBCOMMANDS["refine-control"] = (refine_control.HELP, refine_control.add_arguments, refine_control.run)
     SUBCOMMANDS["refine-control-eval"] = (refine_control.EVAL_HELP, refine_control.add_eval_arguments,
                                           refine_control.run_eval)
+    SUBCOMMANDS["download"] = (download.HELP, download.add_arguments, download.run)
 
 
 _register()
