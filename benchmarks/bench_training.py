@@ -36,6 +36,8 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--latent", type=int, default=8, help="latent side (image side / 8)")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--compare-layer-norm", action="store_true",
+                   help="time stage-2 steps with layer_norm's written-out tangent against torch's rule")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     extension()
@@ -72,6 +74,8 @@ def main(argv=None):
             torch.cuda.synchronize()
         return time.perf_counter() - t0
 
+    if args.compare_layer_norm:
+        return compare_layer_norm(args, O, step)
     times = {1: [], 2: []}
     with O.training_attention():
         step(1), step(2)  # warm-up
@@ -83,6 +87,28 @@ def main(argv=None):
     print(f"stage 1 step: {m1 * 1000:.1f} ms  ({b / m1:.2f} samples/s)")
     print(f"stage 2 step: {m2 * 1000:.1f} ms  ({b / m2:.2f} samples/s)")
     print(f"stage 2 / stage 1: {m2 / m1:.2f}  (target <= 2.5)")
+
+
+def compare_layer_norm(args, O, step) -> None:
+    """Stage-2 steps with layer_norm's written-out tangent (the default) against
+    torch's own rule (whose reverse-mode derivative is wrong), order rotated."""
+    real = O._layer_norm_dual
+    configs = {"written-out": real, "torch rule": lambda *a, **k: None}
+    times = {name: [] for name in configs}
+    with O.training_attention():
+        for r in range(args.repeats + 1):
+            names = list(configs)[r % 2:] + list(configs)[:r % 2]
+            for name in names:
+                O._layer_norm_dual = configs[name]
+                try:
+                    t = step(2)
+                finally:
+                    O._layer_norm_dual = real
+                if r:  # the first round warms up
+                    times[name].append(t)
+    for name, ts in times.items():
+        print(f"stage 2, layer norm {name}: median {statistics.median(ts) * 1000:.1f} ms "
+              f"(min {min(ts) * 1000:.1f}, max {max(ts) * 1000:.1f}, n={len(ts)})")
 
 
 if __name__ == "__main__":

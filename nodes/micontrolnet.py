@@ -111,6 +111,8 @@ class MIControlNetSettings(io.ComfyNode):
             description=(
                 "Pick, for sampling runs with this model, how minimal-impact controls are combined and injected. "
                 + " ".join(f"{m}: {d}." for m, d in MODE_DESCRIPTIONS.items())
+                + " add^inj balances against the UNet feature f_e, which includes the residuals of core "
+                  "ControlNets on the same layer."
             ),
             inputs=[
                 io.Model.Input("model"),

@@ -352,3 +352,33 @@ def test_training_stops_after_n_consecutive_skipped_steps(caplog):
     assert "step 4 skipped" in caplog.text
     with pytest.raises(SystemExit, match="3 consecutive steps .* were skipped; stopping"):
         guard.record(5, True, fp16=False)
+
+
+# --- stage 2 -------------------------------------------------------------------------------------
+
+def test_stage_2_needs_a_stage_1_controlnet_and_qc_every_keeps_the_expected_weight(monkeypatch):
+    import argparse
+    import types
+
+    from training import micontrolnet
+    from training.trainer import MIControlNetTrainer
+
+    p = argparse.ArgumentParser()
+    micontrolnet.add_arguments(p)
+    args = p.parse_args(["--base", "b.safetensors", "--data", "d", "--output", "o", "--stage", "2"])
+    with pytest.raises(SystemExit, match="--stage 2 continues a stage-1 ControlNet: pass --init-controlnet"):
+        micontrolnet._check_args(args)
+    micontrolnet._check_args(p.parse_args(["--base", "b", "--data", "d", "--output", "o", "--stage", "2",
+                                           "--resume", "latest"]))
+
+    seen = []
+    monkeypatch.setattr(O, "loss_terms", lambda model, cnet, batch, qc_weight, *a: seen.append(qc_weight) or
+                        {"total": torch.zeros(1), "task": torch.zeros(1), "qc": torch.zeros(1)})
+    owner = MIControlNetTrainer.__new__(MIControlNetTrainer)
+    owner.args = types.SimpleNamespace(stage=2, qc_every=4, qc_weight=0.01, plain_add_warmup_steps=0,
+                                       granularity="layer", max_lambda=20.0, lambda_convention="as_written")
+    owner.base, owner.cnet = types.SimpleNamespace(model=None), None
+    owner._batch = lambda items, probes: None
+    for step in range(8):
+        owner.micro_step_terms({}, step, None)
+    assert seen == [0.04, 0, 0, 0, 0.04, 0, 0, 0]  # k × weight on every k-th step: 0.01 per step on average

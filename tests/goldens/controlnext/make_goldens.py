@@ -42,7 +42,7 @@ sys.path.insert(0, str(HERE.parents[1]))  # tests/, for controlnext_reference
 from controlnext_reference import synthetic_state_dict  # noqa: E402
 
 SEED = 7
-PIXELS = 64  # control image size; latents are PIXELS / 8
+PIXELS = 48  # control image size; latents are PIXELS / 8 (48: SVD v1 still ends at 2x2)
 FRAMES = 2
 SVD_SIGMA = 3.0
 SD_TIMESTEP = 500
@@ -70,10 +70,10 @@ SPECS = {
 }
 MODULE_SEED = {"sdxl": 101, "sd15_training": 102, "sd15": 103, "svd_v2": 104, "svd_v1": 105, "sdxl_early": 106}
 
-SD_UNET = dict(sample_size=8, in_channels=4, out_channels=4, down_block_types=("DownBlock2D", "DownBlock2D"),
+SD_UNET = dict(sample_size=6, in_channels=4, out_channels=4, down_block_types=("DownBlock2D", "DownBlock2D"),
                up_block_types=("UpBlock2D", "UpBlock2D"), block_out_channels=(320, 1280), layers_per_block=1,
                cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32)
-SVD_UNET = dict(sample_size=8, in_channels=8, out_channels=4,
+SVD_UNET = dict(sample_size=6, in_channels=8, out_channels=4,
                 down_block_types=("DownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
                 up_block_types=("UpBlockSpatioTemporal", "UpBlockSpatioTemporal"), block_out_channels=(320, 1280),
                 addition_time_embed_dim=8, projection_class_embeddings_input_dim=24, layers_per_block=1,
