@@ -237,7 +237,8 @@ def test_the_validation_image_is_what_the_exported_files_sample(runs, tmp_path):
     weights = cx.ControlNeXtWeights.from_files(run / "controlnext.safetensors",
                                                run / "controlnext_unet_delta.safetensors")
     image, prompt = validation._condition_image(trainer)
-    patcher = cx.apply_controlnext(trainer.base.patcher, weights, image, args.strength)
+    # The SD1.5-training export carries args.strength as its default scale: strength 1 reproduces training.
+    patcher = cx.apply_controlnext(trainer.base.patcher, weights, image, 1.0)
     resampled = validation._sample_and_save(trainer, patcher, validation._encode(trainer.base, prompt),
                                             validation._encode(trainer.base, ""), image, STEPS)
     during = np.asarray(Image.open(run / "validation" / f"step-{STEPS:08d}.png"), dtype=np.float32)
