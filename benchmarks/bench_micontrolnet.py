@@ -15,8 +15,9 @@ interleaved, under:
 * MIControlNet layer: two ``MIControlNetApply`` (add^com + add^inj),
 * MIControlNet pixel: the same with pixel granularity,
 
-and the median ratio to core is printed. The balance map's recording happens
-on the last sampling step only, so it is off here (one line reports its cost).
+and the median ratio to core is printed. The balance map's recording
+(``record_balance``, on by default) runs on every model call that has positive
+rows; the "+ recording" configuration measures that cost.
 This is a benchmark, not a test: figures depend on the machine.
 """
 
