@@ -30,8 +30,8 @@ from headless.server import ComfyServer  # noqa: E402
 LAYOUT = {
     "1": [0, 0],         # Load Checkpoint
     "10": [0, 160],      # MIControlNet Settings
-    "2": [0, 350],       # Positive prompt
-    "3": [0, 580],       # Negative prompt
+    "2": [0, 400],       # Positive prompt
+    "3": [0, 630],       # Negative prompt
     "4": [420, 0],       # ControlNet: canny (left)
     "6": [420, 110],     # Canny edges, left half
     "8": [760, 0],       # Apply ControlNet (Minimal Impact): canny
@@ -43,7 +43,7 @@ LAYOUT = {
     "13": [2150, 0],     # VAE Decode
     "14": [2150, 100],   # Save Image
     "15": [2150, 440],   # MIControlNet Balance Map
-    "16": [2150, 570],   # Save Balance Map
+    "16": [2150, 610],   # Save Balance Map
 }
 # Sizes that leave room for previews (LoadImage shows the image, SaveImage the
 # result) and for the Apply nodes' full titles.
