@@ -80,15 +80,16 @@ def test_resume_with_a_differently_built_student_fails_naming_the_option(trained
     assert not (out / "log.csv").exists()
 
 
-def test_a_non_finite_loss_stops_the_run_before_the_update(trained, tmp_path):
+def test_a_non_finite_loss_skips_the_update_and_stops_the_run(trained, tmp_path):
     out = tmp_path / "nan"
     args = _train_args(trained["base"], trained["teacher"], trained["data"], out)
     # step 1 moves the weights by ~1e30: step 2's loss is not finite
     proc = subprocess.run([sys.executable, "-m", "training", "refine-control", *args, "--learning-rate", "1e30",
-                           "--max-grad-norm", "0"], cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env=_train_env())
+                           "--max-grad-norm", "0", "--max-skipped-steps", "1"], cwd=REPO, capture_output=True,
+                          text=True, timeout=600, env=_train_env())
     assert proc.returncode != 0
-    assert "step 2: non-finite loss" in proc.stderr and "not updated" in proc.stderr, proc.stderr[-3000:]
+    assert "step 2 skipped: non-finite loss or gradients" in proc.stderr, proc.stderr[-3000:]
+    assert "weights are unchanged" in proc.stderr and "(up to step 2)" in proc.stderr, proc.stderr[-3000:]
     from training import engine
     assert [int(r["step"]) for r in engine.read_csv_log(out / "log.csv")] == [1]
     assert not (out / "refine_control_student.safetensors").exists()

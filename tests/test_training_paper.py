@@ -263,7 +263,7 @@ def test_lambda_convention_reaches_the_node_settings_and_the_cli():
             return c
 
     out = MIControlNetSettings.execute(Patcher(), "micontrolnet", "layer", 20.0, False,
-                                       "mgda_weight_of_control").args[0]
+                                       lambda_convention="mgda_weight_of_control").args[0]
     settings = mi_control.BalanceSettings.from_transformer_options(out.model_options["transformer_options"])
     assert settings.lambda_convention == "mgda_weight_of_control"
     with pytest.raises(ValueError, match="lambda_convention must be one of"):

@@ -203,7 +203,7 @@ class ControlNeXtTrainer(MIControlNetTrainer):
                 log.info("gradient checkpointing on %d blocks", n)
         net = ControlledUNet(self.base.model, self.variant, module, selected, a.strength)
         self._wrap_and_optimize(net, param_groups(module, selected, a.learning_rate, a.module_lr_scale), ckpt,
-                                resume_state)
+                                resume_state, self.loss_scaler_enabled())
 
     def _check_resume_compatible(self, state: dict) -> None:
         super()._check_resume_compatible(state)

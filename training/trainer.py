@@ -1,36 +1,23 @@
-"""The MIControlNet training loop (see ``micontrolnet.py`` for the options)."""
+"""The MIControlNet trainer (see ``micontrolnet.py`` for the options) on
+the shared loop of ``loop.py``; ``controlnext_trainer.py`` reuses its text and
+latent caches and batches."""
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
-import math
-import time
 from pathlib import Path
 
 import torch
 
 from . import engine
-from .runtime import setup_comfy
+from .loop import TrainingLoop
 
 log = logging.getLogger("training")
 
-STATE_VERSION = 1
 
-
-class MIControlNetTrainer:
+class MIControlNetTrainer(TrainingLoop):
     def __init__(self, args):
-        self.args = args
-        self.dist = engine.init_distributed(args.device)
-        # ComfyUI must know about --cpu before comfy.model_management is imported.
-        setup_comfy(force_cpu=self.dist.device.type == "cpu")
-        if self.dist.device.type == "cpu" and self.dist.enabled:
-            # Ranks share the machine's cores.
-            torch.set_num_threads(max(1, (torch.get_num_threads()) // self.dist.world))
-        self.output = Path(args.output)
-        self.store = engine.CheckpointStore(self.output / "checkpoints", args.keep_checkpoints)
-        self.skipped_steps = engine.SkippedSteps(getattr(args, "max_skipped_steps", 20))
+        super().__init__(args)
         self._text_cache: dict[str, tuple] = {}
         self._latent_cache: dict[int, torch.Tensor] = {}
 
@@ -91,50 +78,12 @@ class MIControlNetTrainer:
             n = models.enable_gradient_checkpointing(cnet) + models.enable_gradient_checkpointing(self.base.unet)
             if dist.main:
                 log.info("gradient checkpointing on %d blocks", n)
-        self._wrap_and_optimize(cnet, cnet.parameters(), ckpt, resume_state)
+        self._wrap_and_optimize(cnet, cnet.parameters(), ckpt, resume_state, self.loss_scaler_enabled())
 
-    def _read_resume(self) -> tuple[Path | None, dict | None]:
-        """(checkpoint folder, state.json) of --resume, or (None, None); sets ``start_step``."""
-        self.start_step = 0
-        if not self.args.resume:
-            return None, None
-        ckpt = self.store.resolve(self.args.resume)
-        state = json.loads((ckpt / "state.json").read_text())
-        self.start_step = int(state["step"])
-        self._check_resume_compatible(state)
-        if self.dist.main:
-            log.info("resuming from %s (step %d)", ckpt, self.start_step)
-        return ckpt, state
-
-    def _wrap_and_optimize(self, net: torch.nn.Module, params, ckpt: Path | None, resume_state: dict | None) -> None:
-        """DDP around ``net`` (on several ranks), AdamW over ``params`` (tensors or
-        groups), the loss scaler, and on resume their saved state."""
-        a, device = self.args, self.dist.device
-        self.cnet_module = net
-        if self.dist.enabled:
-            ddp_kwargs = {"device_ids": [device.index]} if device.type == "cuda" else {}
-            self.cnet = torch.nn.parallel.DistributedDataParallel(net, **ddp_kwargs)
-        else:
-            self.cnet = net
-        self.optimizer = torch.optim.AdamW(params, lr=a.learning_rate, weight_decay=a.weight_decay)
+    def loss_scaler_enabled(self) -> bool:
         from .objectives import unet_dtype
 
-        self.scaler = torch.amp.GradScaler(device.type, enabled=engine.needs_loss_scaler(
-            a.mixed_precision, unet_dtype(self.base.model)))
-        if ckpt is not None:
-            self._restore_run_state(ckpt, resume_state)
-
-    def _restore_run_state(self, ckpt: Path, resume_state: dict) -> None:
-        """Optimizer, loss scaler and this rank's RNG from a checkpoint folder."""
-        engine.load_optimizer(self.optimizer, engine.load_tensors(ckpt / "optimizer.safetensors"),
-                              resume_state["optimizer"])
-        if resume_state.get("scaler") and self.scaler.is_enabled():
-            self.scaler.load_state_dict(resume_state["scaler"])
-        rng_file = ckpt / f"rng-rank{self.dist.rank}.safetensors"
-        if rng_file.is_file():
-            rng = engine.load_tensors(rng_file)
-            engine.set_rng_state({"torch": rng["torch"], **resume_state["rng"][str(self.dist.rank)],
-                                  **({"cuda": rng["cuda"]} if "cuda" in rng else {})})
+        return engine.needs_loss_scaler(self.args.mixed_precision, unet_dtype(self.base.model))
 
     def _check_resume_compatible(self, state: dict) -> None:
         saved = state["args"]
@@ -143,10 +92,7 @@ class MIControlNetTrainer:
             if key in saved and saved[key] != getattr(self.args, key):
                 log.warning("resume: --%s was %s in the checkpoint and is %s now; the run will not repeat "
                             "the interrupted one exactly", key.replace("_", "-"), saved[key], getattr(self.args, key))
-        world = state.get("world")
-        if world is not None and world != self.dist.world:
-            log.warning("resume: the checkpoint ran on %d rank(s), this run on %d; the global batch changes "
-                        "unless --batch-size was adjusted", world, self.dist.world)
+        super()._check_resume_compatible(state)
 
     # ------------------------------------------------------------------ batches
     def _text(self, prompt: str):
@@ -195,10 +141,10 @@ class MIControlNetTrainer:
                      probe=items["probe"].to(device) if probes and "probe" in items else None)
 
     # ------------------------------------------------------------------ loop
-    def _loop_inputs(self):
-        """What every training loop starts from after _setup(): this rank's
-        loader (resumed at the current position), the CSV log and args.json
-        (main rank), the progress bar and the autocast context."""
+    LOG_FIELDS = engine.CsvLog.FIELDS
+
+    def micro_batches(self):
+        """This rank's DataLoader, resumed at the current position."""
         from . import data
 
         a, dist = self.args, self.dist
@@ -206,66 +152,13 @@ class MIControlNetTrainer:
                                        a.batch_size, a.gradient_accumulation, dist.world, dist.rank)
         loader = torch.utils.data.DataLoader(self.samples, batch_sampler=sampler, collate_fn=data.collate,
                                              num_workers=a.num_workers)
-        csv_log = (engine.CsvLog(self.output / "log.csv", self.start_step if a.resume else None, self.LOG_FIELDS)
-                   if dist.main else None)
-        if dist.main:
-            (self.output / "args.json").write_text(json.dumps(vars(a), indent=1, default=str))
-        bar = engine.progress_bar(a.max_steps, self.start_step, dist.main and not a.no_progress)
-        return loader, csv_log, bar, engine.autocast_context(dist.device, a.mixed_precision)
+        return loader, sampler.global_batch
 
-    LOG_FIELDS = engine.CsvLog.FIELDS
-
-    def train(self) -> int:
-        """The loop both UNet trainers share; ``micro_step_terms`` and ``log_fields`` say what differs."""
+    def loop_context(self):
+        """Training's differentiable attention (both UNet trainers)."""
         from . import objectives
 
-        try:
-            self._setup()
-            a, dist = self.args, self.dist
-            loader, csv_log, bar, autocast = self._loop_inputs()
-            step, micro, sums = self.start_step, 0, {}
-            timer = engine.StepTimer()
-            t_start = time.perf_counter()
-            with objectives.training_attention():
-                for items in loader:
-                    last_micro = micro == a.gradient_accumulation - 1
-                    # DDP all-reduces gradients only on the last micro-step of an accumulation.
-                    ctx = self.cnet.no_sync() if dist.enabled and not last_micro else contextlib.nullcontext()
-                    with ctx:
-                        terms = self.micro_step_terms(items, step, autocast)
-                        self.scaler.scale(terms["total"].mean() / a.gradient_accumulation).backward()
-                    for k, v in terms.items():
-                        sums[k] = sums.get(k, 0.0) + float(v.detach().mean()) / a.gradient_accumulation
-                    micro += 1
-                    if not last_micro:
-                        continue
-                    micro = 0
-                    lr, skipped = self.optimizer_step(step, loss_finite=all(map(math.isfinite, sums.values())))
-                    step += 1
-                    self.skipped_steps.record(step, skipped, self.scaler.is_enabled())
-                    means = {k: dist.all_reduce_mean(v) for k, v in sums.items()}
-                    sums = {}
-                    dt = timer.lap()
-                    if dist.main:
-                        fields, postfix = self.log_fields(means, lr)
-                        csv_log.write({"step": step, **fields, "lr": f"{lr:.6g}",
-                                       "samples_per_s": f"{loader.batch_sampler.global_batch / dt:.4g}",
-                                       "elapsed_s": f"{time.perf_counter() - t_start:.2f}"})
-                        bar.set_postfix(**postfix)
-                        bar.update(1)
-                    self.checkpoint_and_validate(step)
-            bar.close()
-            if csv_log:
-                csv_log.close()
-            if dist.main:
-                written = self.export_or_exit()
-                written = written if isinstance(written, list) else [written]
-                log.info("wrote %s (%d samples skipped: %d at scan, %d at load)", ", ".join(map(str, written)),
-                         self.skipped_at_scan + len(self.samples.bad), self.skipped_at_scan, len(self.samples.bad))
-            dist.barrier()
-            return 0
-        finally:
-            engine.shutdown_distributed()
+        return objectives.training_attention()
 
     def micro_step_terms(self, items, step: int, autocast) -> dict:
         """Per-row fp32 loss tensors of one micro-batch: ``total`` (trained) and
@@ -298,127 +191,15 @@ class MIControlNetTrainer:
         return models.save_controlnet(self.cnet_module, self.output / f"{self.args.name}.safetensors",
                                       engine.SAVE_DTYPES[self.args.save_dtype], meta)
 
-    def export_or_exit(self):
-        """``export()``; a failed write ends the run with what to do about it."""
-        try:
-            return self.export()
-        except OSError as e:
-            raise SystemExit(f"training: the trained weights could not be written: {e}. The last checkpoint in "
-                             f"{self.store.root} holds them: free some space and run the same command with "
-                             f"--resume latest to write them again.") from e
-
-    def save_checkpoint(self, step: int) -> Path | None:
-        """All ranks take part (each writes its RNG state); rank 0 writes the rest.
-        A failed write (full disk, I/O error) is logged and the run goes on:
-        the previous checkpoint stays intact and the next interval tries again."""
-        dist = self.dist
-        ok = True
-        if dist.main:
-            try:
-                self.store.begin(step)
-            except OSError as e:
-                ok = False
-                log.error("checkpoint at step %d not written: %s", step, e)
-        dist.barrier()
-        tmp = self.store.tmp_path(step)
-        try:
-            if tmp.is_dir():
-                state = engine.rng_state()
-                rng_tensors = {"torch": state["torch"], **({"cuda": state["cuda"]} if "cuda" in state else {})}
-                engine.save_tensors(rng_tensors, tmp / f"rng-rank{dist.rank}.safetensors")
-                self._rng_json = {"python": state["python"], "numpy": state["numpy"]}
-        except OSError as e:
-            ok = False
-            log.error("checkpoint at step %d: rank %d could not write its RNG state: %s", step, dist.rank, e)
-        rng_all = self._gather_rng()
-        # A checkpoint is complete only if every rank wrote its part.
-        ok = dist.all_reduce_mean(1.0 if ok else 0.0) == 1.0
-        dist.barrier()
-        if not dist.main:
-            dist.barrier()
-            return None
-        final = None
-        try:
-            if ok and tmp.is_dir():
-                opt_tensors, opt_rest = engine.optimizer_tensors(self.optimizer)
-                for file_name, (tensors, metadata) in self.checkpoint_weights().items():
-                    engine.save_tensors(tensors, tmp / file_name, metadata=metadata)
-                engine.save_tensors(opt_tensors, tmp / "optimizer.safetensors")
-                state = {"version": STATE_VERSION, "step": step, "world": dist.world,
-                         "samples_seen": step * self.args.batch_size * dist.world * self.args.gradient_accumulation,
-                         "optimizer": opt_rest, "rng": rng_all, "args": vars(self.args),
-                         "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None}
-                engine.write_json(tmp / "state.json", state)
-                final = self.store.commit(step)
-            else:
-                self.store.abort(step)
-                log.error("checkpoint at step %d not written (a rank failed its part); the previous one is intact",
-                          step)
-        except OSError as e:
-            self.store.abort(step)
-            log.error("checkpoint at step %d not written (%s); the previous one is intact", step, e)
-        dist.barrier()
-        return final
-
     def checkpoint_weights(self) -> dict:
         """File name -> (fp32 tensors, metadata) of the trained weights in a resumable checkpoint."""
         return {"controlnet.safetensors": ({k: v.float() for k, v in self.cnet_module.state_dict().items()},
                                            {"format": "ControlNet v1.1 (ldm)",
                                             "lambda_convention": self.args.lambda_convention})}
 
-    def _gather_rng(self) -> dict:
-        mine = getattr(self, "_rng_json", None) or {}
-        if not self.dist.enabled:
-            return {"0": mine}
-        gathered = [None] * self.dist.world
-        torch.distributed.all_gather_object(gathered, mine)
-        return {str(r): g for r, g in enumerate(gathered)}
-
-    def optimizer_step(self, step: int, loss_finite: bool = True) -> tuple[float, bool]:
-        """Step ``step``'s learning rate (times each group's ``lr_scale``), loss
-        unscaling, the finiteness check, gradient clipping, the AdamW update;
-        returns (the rate, whether the step was skipped).
-
-        The check runs on the unscaled gradients before anything is written: a
-        non-finite loss or gradient on any rank skips the update on every rank
-        (the weights and the optimizer state stay as they were; the fp16 loss
-        scale is lowered as GradScaler does)."""
-        a = self.args
-        lr = engine.warmup_lr(step, a.learning_rate, a.lr_warmup_steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
-        self.scaler.unscale_(self.optimizer)
-        if not engine.gradients_finite(self.optimizer, loss_finite, self.dist):
-            self.scaler.update()  # after unscale_, lowers the scale where it found inf (a no-op when off)
-            self.optimizer.zero_grad(set_to_none=True)
-            return lr, True
-        if a.max_grad_norm > 0:
-            params = [p for group in self.optimizer.param_groups for p in group["params"]]
-            torch.nn.utils.clip_grad_norm_(params, a.max_grad_norm)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        return lr, False
-
-    def checkpoint_and_validate(self, step: int) -> None:
-        """After optimizer step ``step``: a checkpoint and a validation image when due (always at the end)."""
-        a = self.args
-        if step % a.checkpoint_every == 0 or step == a.max_steps:
-            self.save_checkpoint(step)
-        if a.validate_every and (step % a.validate_every == 0 or step == a.max_steps):
-            self.validate(step)
-
-    def validate(self, step: int) -> None:
-        """A validation image from rank 0 (``sample_validation``); the other ranks wait."""
-        if not self.dist.main:
-            self.dist.barrier()
-            return
-        try:
-            path = self.sample_validation(step)
-            log.info("validation sample: %s", path)
-        except Exception as e:  # noqa: BLE001 - validation must not end a long run
-            log.error("validation at step %d failed: %s: %s", step, type(e).__name__, e)
-        self.dist.barrier()
+    def report_written(self, written: list) -> None:
+        log.info("wrote %s (%d samples skipped: %d at scan, %d at load)", ", ".join(map(str, written)),
+                 self.skipped_at_scan + len(self.samples.bad), self.skipped_at_scan, len(self.samples.bad))
 
     def sample_validation(self, step: int) -> Path:
         """Sample with ComfyUI's sampler through the MIControlNetApply node,

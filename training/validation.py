@@ -76,7 +76,7 @@ def sample_micontrolnet(trainer, step: int) -> Path:
     positive, negative = MIControlNetApply.execute(_encode(base, prompt), _encode(base, ""), control_net, image,
                                                    1.0, 0.0, 1.0, None, None).args
     patcher = MIControlNetSettings.execute(base.patcher, "micontrolnet", a.granularity, a.max_lambda, False,
-                                         a.lambda_convention).args[0]
+                                         lambda_convention=a.lambda_convention).args[0]
     return _sample_and_save(trainer, patcher, positive, negative, image, step)
 
 

@@ -79,6 +79,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_deprecated_spelling(g, "--precision", "--mixed-precision", "mixed_precision", choices=["no", "bf16", "fp16"])
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm, 0 = off (default: 1)")
     add_deprecated_spelling(g, "--grad-clip", "--max-grad-norm", "max_grad_norm", type=float)
+    g.add_argument("--max-skipped-steps", type=int, default=20,
+                   help="a step whose loss or gradients are not finite is skipped (weights unchanged, logged); "
+                        "stop after this many in a row, 0 = never (default: 20)")
     g.add_argument("--text-cache-size", type=int, default=256,
                    help="prompts whose embeddings are kept in memory, least recently used dropped first; an SD3 "
                         "prompt is about 2.5 MB in fp32 (default: 256)")
@@ -87,13 +90,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--name", default="refine_control_student",
                    help="file name stem of the student ControlNet (default: refine_control_student)")
     g.add_argument("--checkpoint-every", type=int, default=500,
-                   help="write a resumable checkpoint every N steps, 0 = off (default: 500)")
+                   help="write a resumable checkpoint every N steps and at the end, 0 = off (default: 500)")
     g.add_argument("--keep-checkpoints", type=int, default=3, help="resumable checkpoints to keep (default: 3)")
     g.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
     g.add_argument("--seed", type=int, default=0, help="seed of the whole run (init, data order, noise) (default: 0)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto; ranks use their LOCAL_RANK GPU)")
     g.add_argument("--save-dtype", default="fp16", choices=["fp16", "bf16", "fp32"],
                    help="dtype of the exported student file (default: fp16)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar (the CSV log is still written)")
 
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.description = ("Inpaint held-out images with the teacher and the student through ComfyUI's sampler and the "

@@ -1,102 +1,123 @@
-"""The Refine-Control distillation loop (stages 1 and 2)."""
+"""The Refine-Control distillation trainer (stages 1 and 2) on the shared loop."""
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import time
-from pathlib import Path
 
+from ..loop import TrainingLoop
 from .data import load_pair, scan_inpaint_data
 from .models import build_student, load_sd3_base, load_sd3_controlnet, save_diffusers_folder, save_student
 from .text import TextCache, stack_text
 
 log = logging.getLogger("training.refine_control")
 
+STUDENT_FILE = "student.safetensors"
 LOG_FIELDS = ["step", "stage", "loss", "task_loss", "kd_loss", "af_loss", "lr", "samples_per_s", "elapsed_s"]
 
 
-class RefineControlTrainer:
-    def __init__(self, args):
-        self.args = args
+class RefineControlTrainer(TrainingLoop):
+    """Stage 1 then stage 2 on the shared loop (``training/loop.py``). Each
+    optimizer step is one batch per rank, built from (seed, stage, position)
+    alone; the student's layers are run by the node's layer function, not a
+    DDP-wrapped forward, so the loop averages the gradients over ranks."""
 
-    def run(self) -> int:
+    LOG_FIELDS = LOG_FIELDS
+    average_gradients_by_hand = True
+
+    def __init__(self, args):
+        from ..runtime import extension
+
+        super().__init__(args)
+        extension()
+
+    def total_steps(self) -> int:
+        return self.args.stage1_steps + self.args.stage2_steps
+
+    def _setup(self) -> None:
         import torch
 
         from .. import engine
-        from ..runtime import extension, setup_comfy
-
-        args = self.args
-        self.dist = dist = engine.init_distributed(args.device)
-        setup_comfy(force_cpu=dist.device.type == "cpu")
-        extension()
+        from .cli import resolve_stages
         from balanced_control.model_patches import refine_control as rc
 
-        try:
-            from .cli import resolve_stages
+        args, dist = self.args, self.dist
+        for note in resolve_stages(args):
+            log.warning(note)
+        engine.seed_everything(args.seed)
+        self.rc = rc
+        if self.total_steps() <= 0:
+            raise ValueError("nothing to train: --stage1-steps and --stage2-steps are both 0")
+        self.labelled, self.skipped = scan_inpaint_data(args.data)
+        self.unlabelled = None
+        if args.stage2_steps > 0:
+            if not args.unlabeled:
+                raise ValueError("--stage2-steps > 0 needs --unlabeled (masked images for stage 2)")
+            self.unlabelled, skipped2 = scan_inpaint_data(args.unlabeled)
+            self.skipped += skipped2
+        self.conv = rc.convention(args.convention)
 
-            for note in resolve_stages(args):
-                log.warning(note)
-            engine.seed_everything(args.seed)
-            self.rc = rc
-            self.output = Path(args.output)
-            self.store = engine.CheckpointStore(self.output / "checkpoints", keep=args.keep_checkpoints)
-            total = args.stage1_steps + args.stage2_steps
-            if total <= 0:
-                raise ValueError("nothing to train: --stage1-steps and --stage2-steps are both 0")
-            self.labelled, self.skipped = scan_inpaint_data(args.data)
-            self.unlabelled = None
-            if args.stage2_steps > 0:
-                if not args.unlabeled:
-                    raise ValueError("--stage2-steps > 0 needs --unlabeled (masked images for stage 2)")
-                self.unlabelled, skipped2 = scan_inpaint_data(args.unlabeled)
-                self.skipped += skipped2
-            self.conv = rc.convention(args.convention)
+        # --mixed-precision no: every model in fp32 (ComfyUI would pick fp16/bf16 on a GPU);
+        # bf16/fp16: the frozen models in that dtype, forwards under autocast.
+        frozen_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
+        self.patcher, clip, self.vae = load_sd3_base(args.base, frozen_dtype)
+        self.base = self.patcher.model
+        dm = self.base.diffusion_model
+        dm.to(dist.device)
+        self.depth = len(dm.joint_blocks)
+        self.teacher = load_sd3_controlnet(args.teacher, "teacher", frozen_dtype).to(dist.device).eval().requires_grad_(False)
+        if self.teacher.hidden_size != dm.hidden_size:
+            raise ValueError(f"teacher width {self.teacher.hidden_size} does not match the base's "
+                             f"{dm.hidden_size}: the teacher was trained for another SD3 model")
+        if self.teacher.pos_embed_input.proj.weight.shape[1] != 17:
+            raise ValueError("teacher: expected an inpainting ControlNet with 17 input channels (16 latent + mask), "
+                             f"found {self.teacher.pos_embed_input.proj.weight.shape[1]}")
+        self.text = TextCache(clip, max_entries=args.text_cache_size, dtype=torch.float32)
+        student = build_student(dm, self.teacher, args.layers).to(dist.device).train()
+        self.t_map = rc.block_map(args.teacher_wiring, len(self.teacher.joint_blocks), self.depth)
+        self.s_map = rc.block_map(args.student_wiring, args.layers, self.depth)
+        self.plan = rc.alignment_plan(self.s_map, self.t_map)
+        ckpt, resume_state = self._read_resume()
+        if ckpt is not None:
+            sd = engine.load_tensors(ckpt / STUDENT_FILE)
+            student.load_state_dict({k: v.to(dist.device) for k, v in sd.items()})
+        self._wrap_and_optimize(student, student.parameters(), ckpt, resume_state,
+                                args.mixed_precision == "fp16" and dist.device.type == "cuda")
+        self.student_module = student
 
-            # --mixed-precision no: every model in fp32 (ComfyUI would pick fp16/bf16 on a GPU);
-            # bf16/fp16: the frozen models in that dtype, forwards under autocast.
-            frozen_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
-            self.patcher, clip, self.vae = load_sd3_base(args.base, frozen_dtype)
-            self.base = self.patcher.model
-            dm = self.base.diffusion_model
-            dm.to(dist.device)
-            self.depth = len(dm.joint_blocks)
-            self.teacher = load_sd3_controlnet(args.teacher, "teacher", frozen_dtype).to(dist.device).eval().requires_grad_(False)
-            if self.teacher.hidden_size != dm.hidden_size:
-                raise ValueError(f"teacher width {self.teacher.hidden_size} does not match the base's "
-                                 f"{dm.hidden_size}: the teacher was trained for another SD3 model")
-            if self.teacher.pos_embed_input.proj.weight.shape[1] != 17:
-                raise ValueError("teacher: expected an inpainting ControlNet with 17 input channels (16 latent + mask), "
-                                 f"found {self.teacher.pos_embed_input.proj.weight.shape[1]}")
-            self.text = TextCache(clip, max_entries=args.text_cache_size, dtype=torch.float32)
-            self.student = build_student(dm, self.teacher, args.layers).to(dist.device).train()
-            self.t_map = rc.block_map(args.teacher_wiring, len(self.teacher.joint_blocks), self.depth)
-            self.s_map = rc.block_map(args.student_wiring, args.layers, self.depth)
-            self.plan = rc.alignment_plan(self.s_map, self.t_map)
-            self.student_module = self.student
-            self.optimizer = torch.optim.AdamW(self.student_module.parameters(), lr=args.learning_rate, weight_decay=0.0)
-            self.scaler = torch.amp.GradScaler(enabled=args.mixed_precision == "fp16" and dist.device.type == "cuda")
-            start = 0
-            if args.resume:
-                start = self.load_checkpoint(self.store.resolve(args.resume))
-            self.train(start, total)
-            if dist.main:
-                out = save_student(self.student_module, self.output / f"{args.name}.safetensors", self.depth,
-                                   engine.SAVE_DTYPES[args.save_dtype],
-                                   {"format": "diffusers SD3ControlNetModel", "layers": args.layers,
-                                    "depth": self.depth,
-                                    "convention": args.convention, "wiring": args.student_wiring,
-                                    "trained_with": "ComfyUI-BalancedControl training refine-control"})
-                log.info("student saved: %s", out)
-                print(f"student: {out}")
-                folder = save_diffusers_folder(self.student_module, self.output / f"{args.name}_diffusers",
-                                               self.depth, engine.SAVE_DTYPES[args.save_dtype])
-                log.info("student for diffusers (SD3ControlNetModel.from_pretrained): %s", folder)
-            dist.barrier()
-            return 0
-        finally:
-            engine.shutdown_distributed()
+    def micro_batches(self):
+        """Optimizer step indices: each step's batch is a function of the step."""
+        return range(self.start_step, self.total_steps()), self.args.batch_size * self.dist.world
+
+    def micro_step_terms(self, items, step: int, autocast) -> dict:
+        self._stage = 1 if step < self.args.stage1_steps else 2
+        losses = self.step_losses(step, self._stage, autocast)
+        return {"total": losses.pop("loss"), **losses}
+
+    def log_fields(self, means: dict, lr: float) -> tuple[dict, dict]:
+        fields = {"stage": self._stage, "loss": means["total"],
+                  **{k: means[k] for k in ("task_loss", "kd_loss", "af_loss") if k in means}}
+        return fields, {"stage": self._stage, "loss": f"{means['total']:.4g}"}
+
+    def checkpoint_weights(self) -> dict:
+        return {STUDENT_FILE: ({k: v.float() for k, v in self.student_module.state_dict().items()},
+                               {"format": "diffusers SD3ControlNetModel"})}
+
+    def export(self) -> list:
+        from .. import engine
+
+        args = self.args
+        out = save_student(self.student_module, self.output / f"{args.name}.safetensors", self.depth,
+                           engine.SAVE_DTYPES[args.save_dtype],
+                           {"format": "diffusers SD3ControlNetModel", "layers": args.layers, "depth": self.depth,
+                            "convention": args.convention, "wiring": args.student_wiring,
+                            "trained_with": "ComfyUI-BalancedControl training refine-control"})
+        print(f"student: {out}")
+        folder = save_diffusers_folder(self.student_module, self.output / f"{args.name}_diffusers", self.depth,
+                                       engine.SAVE_DTYPES[args.save_dtype])
+        return [out, folder]
+
+    def report_written(self, written: list) -> None:
+        log.info("student saved: %s; for diffusers (SD3ControlNetModel.from_pretrained): %s", *written)
 
     # ------------------------------------------------------------------ batches
     def batch(self, step: int, stage: int):
@@ -132,7 +153,7 @@ class RefineControlTrainer:
         with torch.no_grad():
             return vae.encode(torch.stack(images)).float()
 
-    def step_losses(self, step: int, stage: int) -> dict:
+    def step_losses(self, step: int, stage: int, autocast) -> dict:
         import torch
 
         from balanced_control.model_patches.refine_control_runtime import controlnet_layers
@@ -156,9 +177,7 @@ class RefineControlTrainer:
         t = self.base.model_sampling.timestep(sigma).float()
         ctx, ctx_cn, pooled = ctx.to(dev), ctx_cn.to(dev), pooled.to(dev)
         dm = self.base.diffusion_model
-        from .. import engine
-
-        with engine.autocast_context(dev, args.mixed_precision):
+        with autocast:
             with torch.no_grad():
                 f_t, r_t = controlnet_layers(self.teacher, x_t, hint, t, ctx_cn, pooled)
                 v_t = dm(x_t, t, context=ctx, y=pooled,
@@ -176,94 +195,13 @@ class RefineControlTrainer:
         losses["loss"] = total
         return losses
 
-    def train(self, start: int, total: int) -> None:
-        import torch
-
-        from .. import engine
-
-        args, dist = self.args, self.dist
-        csv = engine.CsvLog(self.output / "log.csv", start if args.resume else None, LOG_FIELDS) if dist.main else None
-        bar = engine.progress_bar(total, start, dist.main)
-        timer, t0 = engine.StepTimer(), time.time()
-        try:
-            for step in range(start, total):
-                stage = 1 if step < args.stage1_steps else 2
-                losses = self.step_losses(step, stage)
-                # Checked before the update (all ranks see the same mean): the weights and the
-                # last checkpoint stay those of a finite step.
-                values = {k: dist.all_reduce_mean(float(v.detach())) for k, v in losses.items()}
-                if not all(math.isfinite(v) for v in values.values()):
-                    raise FloatingPointError(f"step {step + 1}: non-finite loss {values}; the student was not "
-                                             f"updated. Lower --learning-rate or use --mixed-precision bf16/no, and "
-                                             f"continue with --resume latest")
-                self.optimizer.zero_grad(set_to_none=True)
-                self.scaler.scale(losses["loss"]).backward()
-                if dist.enabled:
-                    # Data parallel: average the gradients over ranks. Parameters that feed no
-                    # loss (the last block's text stream) have no gradient on every rank alike.
-                    for p in self.student_module.parameters():
-                        if p.grad is not None:
-                            torch.distributed.all_reduce(p.grad)
-                            p.grad /= dist.world
-                self.scaler.unscale_(self.optimizer)
-                if args.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(self.student_module.parameters(), args.max_grad_norm)
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                dt = timer.lap()
-                if csv is not None:
-                    csv.write({"step": step + 1, "stage": stage, **values, "lr": args.learning_rate,
-                               "samples_per_s": args.batch_size * dist.world / max(dt, 1e-9),
-                               "elapsed_s": time.time() - t0})
-                bar.update(1)
-                bar.set_postfix(stage=stage, loss=f"{values['loss']:.4g}")
-                if args.checkpoint_every > 0 and (step + 1) % args.checkpoint_every == 0 and step + 1 < total:
-                    self.save_checkpoint(step + 1)
-        finally:
-            bar.close()
-            if csv is not None:
-                csv.close()
-
-    # ------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self, step: int) -> None:
-        from .. import engine
-
-        if self.dist.main:
-            tmp = self.store.begin(step)
-            try:
-                opt_tensors, opt_rest = engine.optimizer_tensors(self.optimizer)
-                engine.save_tensors({k: v.float() for k, v in self.student_module.state_dict().items()},
-                                    tmp / "student.safetensors")
-                engine.save_tensors(opt_tensors, tmp / "optimizer.safetensors")
-                engine.write_json(tmp / "state.json", {"step": step, "optimizer": opt_rest, "args": vars(self.args),
-                                                       "world": self.dist.world,
-                                                       "scaler": self.scaler.state_dict()})
-                self.store.commit(step)
-            except OSError as e:
-                self.store.abort(step)
-                log.error("checkpoint at step %d not written (%s); the previous one is intact", step, e)
-        self.dist.barrier()
-
-    def load_checkpoint(self, folder: Path) -> int:
-        from .. import engine
-
-        state = json.loads((folder / "state.json").read_text())
-        self.check_resume_compatible(state)
-        sd = engine.load_tensors(folder / "student.safetensors")
-        self.student_module.load_state_dict({k: v.to(self.dist.device) for k, v in sd.items()})
-        engine.load_optimizer(self.optimizer, engine.load_tensors(folder / "optimizer.safetensors"), state["optimizer"])
-        if state.get("scaler") and self.scaler.is_enabled():
-            self.scaler.load_state_dict(state["scaler"])
-        log.info("resumed from %s (step %d)", folder, state["step"])
-        return int(state["step"])
-
     # Options that change what the checkpoint's student is: a resume with other values is an error.
     RESUME_MUST_MATCH = ("layers", "teacher_wiring", "student_wiring", "convention")
     # Options that change the run's course: a resume with other values is allowed, with a warning.
     RESUME_SHOULD_MATCH = ("seed", "batch_size", "resolution", "stage1_steps", "af_features", "af_normalise",
                            "fixed_noise", "w_task", "w_kd", "w_af", "alpha")
 
-    def check_resume_compatible(self, state: dict) -> None:
+    def _check_resume_compatible(self, state: dict) -> None:
         saved = state.get("args", {})
         wrong = [f"--{k.replace('_', '-')} {saved[k]} in the checkpoint, {getattr(self.args, k)} now"
                  for k in self.RESUME_MUST_MATCH if k in saved and saved[k] != getattr(self.args, k)]
@@ -274,14 +212,11 @@ class RefineControlTrainer:
             if k in saved and saved[k] != getattr(self.args, k):
                 log.warning("resume: --%s was %s in the checkpoint and is %s now; the run will not repeat the "
                             "interrupted one exactly", k.replace("_", "-"), saved[k], getattr(self.args, k))
-        world = state.get("world")
-        if world is not None and world != self.dist.world:
-            log.warning("resume: the checkpoint ran on %d rank(s), this run on %d; the global batch changes "
-                        "unless --batch-size was adjusted", world, self.dist.world)
+        super()._check_resume_compatible(state)
 
 
 def run(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return RefineControlTrainer(args).run()
+    return RefineControlTrainer(args).train()
 
 
