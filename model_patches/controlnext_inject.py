@@ -25,6 +25,7 @@ import comfy.utils
 from .balance import add_com
 from .controlnext_arch import cross_normalize
 from .controlnext_files import ControlNeXtWeights, Variant
+from .unet_patches import prepend_patches
 
 STACK_KEY = "balanced_control_controlnext"
 CALL_KEY = "balanced_control_controlnext_call"
@@ -251,12 +252,11 @@ def training_call(unet, variant: Variant, features: torch.Tensor, strength: floa
 
 def call_transformer_options(call: ControlNeXtCall, transformer_options: dict | None = None) -> dict:
     """transformer_options for a direct UNet call that injects ``call`` through
-    the patch functions the sampler uses."""
+    the patch functions the sampler uses, first in their lists as
+    ``apply_controlnext`` puts them."""
     options = dict(transformer_options or {})
-    patches = {k: list(v) for k, v in options.get("patches", {}).items()}
-    patches.setdefault("input_block_patch_after_skip", []).append(input_block_patch_after_skip)
-    patches.setdefault("output_block_patch", []).append(output_block_patch)
-    options["patches"] = patches
+    options["patches"] = prepend_patches(options.get("patches"), {
+        "input_block_patch_after_skip": input_block_patch_after_skip, "output_block_patch": output_block_patch})
     options[CALL_KEY] = call
     options.setdefault("cond_or_uncond", [0])
     return options
