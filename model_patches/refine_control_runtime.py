@@ -263,22 +263,16 @@ class RefineControl(WrappedControl):
         return cls(inner, wiring, balanced, granularity, max_lambda, label, local_context, expected_depth)
 
     # -- ControlBase protocol ------------------------------------------------------
-    def run_chain(self, x_noisy, t, cond, batched_number, transformer_options):
-        """(own output, previous controls' output). The previous controls get
-        ``cond`` as it is; only this control's inner ControlNet sees the local prompt."""
-        control_prev = None
-        if self.previous_controlnet is not None:
-            control_prev = self.previous_controlnet.get_control(x_noisy, t, cond, batched_number, transformer_options)
-        own_cond = cond
-        if self.local_context is not None:
-            labels = transformer_options.get("cond_or_uncond")
-            if labels is None:
-                raise ValueError(f"{self.label}: a local prompt needs transformer_options['cond_or_uncond'] "
-                                 f"(set by ComfyUI's sampler) to know which rows are positive.")
-            text = cond.get("crossattn_controlnet", cond["c_crossattn"])
-            own_cond = {**cond, "crossattn_controlnet": context_with_local_prompt(text, self.local_context, labels)}
-        own = self.inner.get_control(x_noisy, t, own_cond, batched_number, transformer_options)
-        return own, control_prev
+    def inner_cond(self, cond, transformer_options):
+        """Only this control's inner ControlNet sees the local prompt."""
+        if self.local_context is None:
+            return cond
+        labels = transformer_options.get("cond_or_uncond")
+        if labels is None:
+            raise ValueError(f"{self.label}: a local prompt needs transformer_options['cond_or_uncond'] "
+                             f"(set by ComfyUI's sampler) to know which rows are positive.")
+        text = cond.get("crossattn_controlnet", cond["c_crossattn"])
+        return {**cond, "crossattn_controlnet": context_with_local_prompt(text, self.local_context, labels)}
 
     def get_control(self, x_noisy, t, cond, batched_number, transformer_options):
         own, control_prev = self.run_chain(x_noisy, t, cond, batched_number, transformer_options)
