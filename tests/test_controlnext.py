@@ -640,3 +640,9 @@ def test_call_transformer_options_puts_the_patches_first_once():
     assert options["patches"]["output_block_patch"] == [cx.output_block_patch, other]
     assert options["patches"]["input_block_patch_after_skip"] == [cx.input_block_patch_after_skip]
     assert given["patches"]["output_block_patch"] == [other, cx.output_block_patch]
+
+
+def test_bad_mask_message_names_what_was_found(sd15_model):
+    w = weights_for("sd15_training", seed=13)
+    with pytest.raises(ValueError, match=r"MASK shaped \(B, H, W\) or \(H, W\), got a tensor shaped \(1, 1, 8, 8\)"):
+        cx.apply_controlnext(sd15_model, w, torch.rand(1, 64, 64, 3), mask=torch.ones(1, 1, 8, 8))
