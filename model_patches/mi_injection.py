@@ -70,7 +70,6 @@ class BalanceRecord:
         self.sigma = sigma
         self.layers: list[dict] = []
         self.inactive: list[str] = []
-        self.strengths: dict[str, float] = {}
         self.seq = next(_RECORD_SEQ)
         self._on_cpu = False
 
@@ -348,7 +347,6 @@ class BalancedInjection:
                 unique, k = f"{label} ({k})", k + 1
             taken.add(unique)
             rec.inactive.append(unique)
-        rec.strengths = {e.label: e.strength for e in self.entries}
         # A guidance pass (PAG, SAG) runs after the main pass at the same sigma, with
         # one conditioning list (labels [0] only): the main pass's record stays. A call
         # holding cond and uncond rows is a main pass (e.g. Heun's next step at the
