@@ -95,11 +95,10 @@ class ControlNeXtControl:
             self._hint_cache = (key, h.to(device))
         return self._hint_cache[1]
 
-    def mask_rows(self, n_rows: int, n_chunks: int) -> torch.Tensor:
+    def mask_rows(self, n_rows: int, per: int) -> torch.Tensor:
         """Which mask each batch row takes: one mask for all rows, or one per
         latent of the batch (per video frame for SVD) in every cond/uncond
-        chunk, independent of how many control images there are."""
-        per = n_rows // n_chunks if n_rows % n_chunks == 0 else n_rows
+        chunk of ``per`` rows, independent of how many control images there are."""
         count = self.mask.shape[0]
         if count == 1:
             return torch.zeros(n_rows, dtype=torch.long)
@@ -142,10 +141,10 @@ def _row_labels(n_rows: int, cond_or_uncond) -> torch.Tensor:
     return torch.tensor(labels).repeat_interleave(per)
 
 
-def _hint_rows(n_rows: int, n_chunks: int, n_images: int) -> torch.Tensor:
-    """Which image feeds each row: rows of every cond/uncond chunk take the
-    images in order, cycling when the chunk is longer (core's broadcast)."""
-    per = n_rows // n_chunks if n_rows % n_chunks == 0 else n_rows
+def _hint_rows(n_rows: int, per: int, n_images: int) -> torch.Tensor:
+    """Which image feeds each row: rows of every cond/uncond chunk (``per``
+    rows each) take the images in order, cycling when the chunk is longer
+    (core's broadcast)."""
     return (torch.arange(n_rows) % per) % n_images
 
 
@@ -176,7 +175,7 @@ class ControlNeXtCall:
         n = x.shape[0]
         cond_or_uncond = transformer_options.get("cond_or_uncond") or [0]
         labels = _row_labels(n, cond_or_uncond).to(x.device)
-        n_chunks = len(cond_or_uncond) if n % len(cond_or_uncond) == 0 else 1
+        per = n // len(cond_or_uncond) if n % len(cond_or_uncond) == 0 else n  # rows of one cond/uncond chunk
         sigma = sigma.reshape(-1)
         if sigma.numel() == 1:
             sigma = sigma.expand(n)
@@ -191,7 +190,7 @@ class ControlNeXtCall:
             if not bool((scale != 0).any()):
                 continue
             hint = control.hint_at(pixel_h, pixel_w, x.device)
-            row_hint = _hint_rows(n, n_chunks, hint.shape[0]).to(x.device)
+            row_hint = _hint_rows(n, per, hint.shape[0]).to(x.device)
             # One evaluation per distinct (image, timestep) among the rows that use it.
             live = torch.nonzero(scale != 0).flatten()
             pairs = torch.stack([row_hint[live].to(torch.float64), timesteps[live].to(torch.float64)], dim=1)
@@ -202,7 +201,7 @@ class ControlNeXtCall:
             call.module_evaluations += unique.shape[0]
             row_feature = torch.zeros(n, dtype=torch.long, device=x.device)
             row_feature[live] = inverse
-            row_mask = None if control.mask is None else control.mask_rows(n, n_chunks).to(x.device)
+            row_mask = None if control.mask is None else control.mask_rows(n, per).to(x.device)
             call.points.setdefault(control.variant.injection, []).append(
                 _Prepared(control, feats, row_feature, scale, row_mask))
         return call
