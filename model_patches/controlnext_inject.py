@@ -191,9 +191,10 @@ class ControlNeXtCall:
                 continue
             hint = control.hint_at(pixel_h, pixel_w, x.device)
             row_hint = _hint_rows(n, per, hint.shape[0]).to(x.device)
-            # One evaluation per distinct (image, timestep) among the rows that use it.
+            # One evaluation per distinct (image, timestep) among the rows that use it. fp32 holds both
+            # exactly (small image indices, fp32 timesteps); float64 would fail on MPS.
             live = torch.nonzero(scale != 0).flatten()
-            pairs = torch.stack([row_hint[live].to(torch.float64), timesteps[live].to(torch.float64)], dim=1)
+            pairs = torch.stack([row_hint[live].to(torch.float32), timesteps[live]], dim=1)
             unique, inverse = torch.unique(pairs, dim=0, return_inverse=True)
             module = control.weights.module(control.variant, x.device)
             with torch.no_grad():
