@@ -177,17 +177,28 @@ class BlockInjection:
     """Per model call: the residuals of every balanced RefineControl, injected
     with add^inj after each base block."""
 
-    def __init__(self, granularity: str, max_lambda: float):
+    def __init__(self, granularity: str, max_lambda: float, label: str = "RefineControl"):
         self.granularity = granularity
         self.max_lambda = max_lambda
+        self.label = label  # the control whose settings these are, for messages
         self.per_block: dict[int, list[torch.Tensor]] = {}
 
     @classmethod
-    def for_call(cls, transformer_options: dict, granularity: str, max_lambda: float) -> "BlockInjection":
+    def for_call(cls, transformer_options: dict, granularity: str, max_lambda: float,
+                 label: str = "RefineControl") -> "BlockInjection":
+        """The call's injection; the first balanced control creates it, later
+        ones must ask for the same settings (their residuals are summed per
+        block before the one add^inj)."""
         inj = transformer_options.get(INJECTION_KEY)
         if inj is None:
-            inj = cls(granularity, max_lambda)
+            inj = cls(granularity, max_lambda, label)
             transformer_options[INJECTION_KEY] = inj
+        elif (inj.granularity, inj.max_lambda) != (granularity, max_lambda):
+            raise ValueError(
+                f"{label}: balanced injection with granularity {granularity!r} and max_lambda {max_lambda:g}, but "
+                f"{inj.label} on the same model call uses granularity {inj.granularity!r} and max_lambda "
+                f"{inj.max_lambda:g}. Their residuals are summed per block before one add^inj; give every "
+                f"balanced RefineControl of a model the same injection and max_lambda.")
         return inj
 
     def add(self, block_residuals: list, transformer_options: dict) -> None:
@@ -279,7 +290,7 @@ class RefineControl(WrappedControl):
         if own is None:
             return control_prev
         if self.balanced:
-            BlockInjection.for_call(transformer_options, self.granularity, self.max_lambda).add(
+            BlockInjection.for_call(transformer_options, self.granularity, self.max_lambda, self.label).add(
                 own.get("output", []), transformer_options)
             return control_prev
         return merge_outputs(own, control_prev)
