@@ -78,7 +78,10 @@ def apply_controlnext(model, weights: ControlNeXtWeights, image: torch.Tensor, s
     if image.shape[-1] == 1:
         image = image.expand(*image.shape[:-1], 3)
     if mask is not None and (not isinstance(mask, torch.Tensor) or mask.ndim not in (2, 3)):
-        raise ValueError(f"{label}: expected a MASK shaped (B, H, W) or (H, W).")
+        found = (f"a tensor shaped {tuple(mask.shape)}" if isinstance(mask, torch.Tensor)
+                 else type(mask).__name__)
+        raise ValueError(f"{label}: expected a MASK shaped (B, H, W) or (H, W), got {found}; connect a MASK "
+                         f"output (e.g. from Load Image or Convert Image to Mask).")
     check_percent_range(start_percent, end_percent, label)
     variant = resolve_variant(weights, model)
     m = model.clone()

@@ -25,6 +25,7 @@ import comfy.utils
 from .balance import add_com
 from .controlnext_arch import cross_normalize
 from .controlnext_files import ControlNeXtWeights, Variant
+from .unet_patches import prepend_patches
 
 STACK_KEY = "balanced_control_controlnext"
 CALL_KEY = "balanced_control_controlnext_call"
@@ -94,11 +95,10 @@ class ControlNeXtControl:
             self._hint_cache = (key, h.to(device))
         return self._hint_cache[1]
 
-    def mask_rows(self, n_rows: int, n_chunks: int) -> torch.Tensor:
+    def mask_rows(self, n_rows: int, per: int) -> torch.Tensor:
         """Which mask each batch row takes: one mask for all rows, or one per
         latent of the batch (per video frame for SVD) in every cond/uncond
-        chunk, independent of how many control images there are."""
-        per = n_rows // n_chunks if n_rows % n_chunks == 0 else n_rows
+        chunk of ``per`` rows, independent of how many control images there are."""
         count = self.mask.shape[0]
         if count == 1:
             return torch.zeros(n_rows, dtype=torch.long)
@@ -141,10 +141,10 @@ def _row_labels(n_rows: int, cond_or_uncond) -> torch.Tensor:
     return torch.tensor(labels).repeat_interleave(per)
 
 
-def _hint_rows(n_rows: int, n_chunks: int, n_images: int) -> torch.Tensor:
-    """Which image feeds each row: rows of every cond/uncond chunk take the
-    images in order, cycling when the chunk is longer (core's broadcast)."""
-    per = n_rows // n_chunks if n_rows % n_chunks == 0 else n_rows
+def _hint_rows(n_rows: int, per: int, n_images: int) -> torch.Tensor:
+    """Which image feeds each row: rows of every cond/uncond chunk (``per``
+    rows each) take the images in order, cycling when the chunk is longer
+    (core's broadcast)."""
     return (torch.arange(n_rows) % per) % n_images
 
 
@@ -175,7 +175,7 @@ class ControlNeXtCall:
         n = x.shape[0]
         cond_or_uncond = transformer_options.get("cond_or_uncond") or [0]
         labels = _row_labels(n, cond_or_uncond).to(x.device)
-        n_chunks = len(cond_or_uncond) if n % len(cond_or_uncond) == 0 else 1
+        per = n // len(cond_or_uncond) if n % len(cond_or_uncond) == 0 else n  # rows of one cond/uncond chunk
         sigma = sigma.reshape(-1)
         if sigma.numel() == 1:
             sigma = sigma.expand(n)
@@ -190,10 +190,11 @@ class ControlNeXtCall:
             if not bool((scale != 0).any()):
                 continue
             hint = control.hint_at(pixel_h, pixel_w, x.device)
-            row_hint = _hint_rows(n, n_chunks, hint.shape[0]).to(x.device)
-            # One evaluation per distinct (image, timestep) among the rows that use it.
+            row_hint = _hint_rows(n, per, hint.shape[0]).to(x.device)
+            # One evaluation per distinct (image, timestep) among the rows that use it. fp32 holds both
+            # exactly (small image indices, fp32 timesteps); float64 would fail on MPS.
             live = torch.nonzero(scale != 0).flatten()
-            pairs = torch.stack([row_hint[live].to(torch.float64), timesteps[live].to(torch.float64)], dim=1)
+            pairs = torch.stack([row_hint[live].to(torch.float32), timesteps[live]], dim=1)
             unique, inverse = torch.unique(pairs, dim=0, return_inverse=True)
             module = control.weights.module(control.variant, x.device)
             with torch.no_grad():
@@ -201,7 +202,7 @@ class ControlNeXtCall:
             call.module_evaluations += unique.shape[0]
             row_feature = torch.zeros(n, dtype=torch.long, device=x.device)
             row_feature[live] = inverse
-            row_mask = None if control.mask is None else control.mask_rows(n, n_chunks).to(x.device)
+            row_mask = None if control.mask is None else control.mask_rows(n, per).to(x.device)
             call.points.setdefault(control.variant.injection, []).append(
                 _Prepared(control, feats, row_feature, scale, row_mask))
         return call
@@ -251,12 +252,11 @@ def training_call(unet, variant: Variant, features: torch.Tensor, strength: floa
 
 def call_transformer_options(call: ControlNeXtCall, transformer_options: dict | None = None) -> dict:
     """transformer_options for a direct UNet call that injects ``call`` through
-    the patch functions the sampler uses."""
+    the patch functions the sampler uses, first in their lists as
+    ``apply_controlnext`` puts them."""
     options = dict(transformer_options or {})
-    patches = {k: list(v) for k, v in options.get("patches", {}).items()}
-    patches.setdefault("input_block_patch_after_skip", []).append(input_block_patch_after_skip)
-    patches.setdefault("output_block_patch", []).append(output_block_patch)
-    options["patches"] = patches
+    options["patches"] = prepend_patches(options.get("patches"), {
+        "input_block_patch_after_skip": input_block_patch_after_skip, "output_block_patch": output_block_patch})
     options[CALL_KEY] = call
     options.setdefault("cond_or_uncond", [0])
     return options

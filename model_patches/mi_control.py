@@ -205,8 +205,13 @@ class WrappedControl(comfy.controlnet.ControlBase):
         control_prev = None
         if self.previous_controlnet is not None:
             control_prev = self.previous_controlnet.get_control(x_noisy, t, cond, batched_number, transformer_options)
-        own = self.inner.get_control(x_noisy, t, cond, batched_number, transformer_options)
+        own = self.inner.get_control(x_noisy, t, self.inner_cond(cond, transformer_options), batched_number,
+                                     transformer_options)
         return own, control_prev
+
+    def inner_cond(self, cond: dict, transformer_options: dict) -> dict:
+        """The conditioning the inner control sees; the previous controls get ``cond`` as it is."""
+        return cond
 
     def pre_run(self, model, percent_to_timestep_function):
         super().pre_run(model, percent_to_timestep_function)

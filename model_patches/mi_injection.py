@@ -70,7 +70,6 @@ class BalanceRecord:
         self.sigma = sigma
         self.layers: list[dict] = []
         self.inactive: list[str] = []
-        self.strengths: dict[str, float] = {}
         self.seq = next(_RECORD_SEQ)
         self._on_cpu = False
 
@@ -116,6 +115,14 @@ class _ControlEntry:
         return float(getattr(self.control, "strength", 1.0))
 
 
+def _unique_label(label: str, taken: set) -> str:
+    """``label``, or ``label (2)``, ``label (3)``... the first not in ``taken``."""
+    unique, k = label, 2
+    while unique in taken:
+        unique, k = f"{label} ({k})", k + 1
+    return unique
+
+
 def _finite(x: torch.Tensor) -> torch.Tensor:
     # One fp32 reduction (no elementwise temporaries); read once per call in finish().
     return torch.isfinite(x.sum(dtype=torch.float32))
@@ -154,11 +161,9 @@ class BalancedInjection:
         transformer_options["wrappers"] = wrappers
 
     def add(self, label: str, control_dict: dict, control) -> None:
-        taken = {e.label for e in self.entries}
-        unique, k = label, 2
-        while unique in taken:  # two controls with one label would share a colour in the map
-            unique, k = f"{label} ({k})", k + 1
-        self.entries.append(_ControlEntry(unique, control_dict, control))
+        # Two controls with one label would share a colour in the map.
+        self.entries.append(_ControlEntry(_unique_label(label, {e.label for e in self.entries}), control_dict,
+                                          control))
 
     # -- UNet patches ------------------------------------------------------------
     def input_block_patch(self, h, transformer_options):
@@ -343,12 +348,9 @@ class BalancedInjection:
         for label, control in self.transformer_options.get(INACTIVE_KEY, []):
             if id(control) in active:
                 continue
-            unique, k = label, 2
-            while unique in taken:
-                unique, k = f"{label} ({k})", k + 1
+            unique = _unique_label(label, taken)
             taken.add(unique)
             rec.inactive.append(unique)
-        rec.strengths = {e.label: e.strength for e in self.entries}
         # A guidance pass (PAG, SAG) runs after the main pass at the same sigma, with
         # one conditioning list (labels [0] only): the main pass's record stays. A call
         # holding cond and uncond rows is a main pass (e.g. Heun's next step at the

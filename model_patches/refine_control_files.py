@@ -34,7 +34,6 @@ class RefineSettings:
     convention: str
     wiring: str
     depth: int | None      # base blocks the file was trained for, when it says so
-    source: str            # where convention and wiring came from, for messages
 
 
 def read_metadata(path: str | Path) -> dict:
@@ -110,4 +109,4 @@ def resolve_settings(control, convention: str, wiring: str, label: str) -> Refin
     if AUTO in (convention, wiring) and not meta:
         log.info("%s: the ControlNet carries no Refine-Control metadata (third-party file, or not loaded with "
                  "RefineControlLoader); using %s", label, ", ".join(sources))
-    return RefineSettings(chosen["convention"], chosen["wiring"], meta.get("depth"), "; ".join(sources))
+    return RefineSettings(chosen["convention"], chosen["wiring"], meta.get("depth"))

@@ -177,17 +177,28 @@ class BlockInjection:
     """Per model call: the residuals of every balanced RefineControl, injected
     with add^inj after each base block."""
 
-    def __init__(self, granularity: str, max_lambda: float):
+    def __init__(self, granularity: str, max_lambda: float, label: str = "RefineControl"):
         self.granularity = granularity
         self.max_lambda = max_lambda
+        self.label = label  # the control whose settings these are, for messages
         self.per_block: dict[int, list[torch.Tensor]] = {}
 
     @classmethod
-    def for_call(cls, transformer_options: dict, granularity: str, max_lambda: float) -> "BlockInjection":
+    def for_call(cls, transformer_options: dict, granularity: str, max_lambda: float,
+                 label: str = "RefineControl") -> "BlockInjection":
+        """The call's injection; the first balanced control creates it, later
+        ones must ask for the same settings (their residuals are summed per
+        block before the one add^inj)."""
         inj = transformer_options.get(INJECTION_KEY)
         if inj is None:
-            inj = cls(granularity, max_lambda)
+            inj = cls(granularity, max_lambda, label)
             transformer_options[INJECTION_KEY] = inj
+        elif (inj.granularity, inj.max_lambda) != (granularity, max_lambda):
+            raise ValueError(
+                f"{label}: balanced injection with granularity {granularity!r} and max_lambda {max_lambda:g}, but "
+                f"{inj.label} on the same model call uses granularity {inj.granularity!r} and max_lambda "
+                f"{inj.max_lambda:g}. Their residuals are summed per block before one add^inj; give every "
+                f"balanced RefineControl of a model the same injection and max_lambda.")
         return inj
 
     def add(self, block_residuals: list, transformer_options: dict) -> None:
@@ -263,29 +274,23 @@ class RefineControl(WrappedControl):
         return cls(inner, wiring, balanced, granularity, max_lambda, label, local_context, expected_depth)
 
     # -- ControlBase protocol ------------------------------------------------------
-    def run_chain(self, x_noisy, t, cond, batched_number, transformer_options):
-        """(own output, previous controls' output). The previous controls get
-        ``cond`` as it is; only this control's inner ControlNet sees the local prompt."""
-        control_prev = None
-        if self.previous_controlnet is not None:
-            control_prev = self.previous_controlnet.get_control(x_noisy, t, cond, batched_number, transformer_options)
-        own_cond = cond
-        if self.local_context is not None:
-            labels = transformer_options.get("cond_or_uncond")
-            if labels is None:
-                raise ValueError(f"{self.label}: a local prompt needs transformer_options['cond_or_uncond'] "
-                                 f"(set by ComfyUI's sampler) to know which rows are positive.")
-            text = cond.get("crossattn_controlnet", cond["c_crossattn"])
-            own_cond = {**cond, "crossattn_controlnet": context_with_local_prompt(text, self.local_context, labels)}
-        own = self.inner.get_control(x_noisy, t, own_cond, batched_number, transformer_options)
-        return own, control_prev
+    def inner_cond(self, cond, transformer_options):
+        """Only this control's inner ControlNet sees the local prompt."""
+        if self.local_context is None:
+            return cond
+        labels = transformer_options.get("cond_or_uncond")
+        if labels is None:
+            raise ValueError(f"{self.label}: a local prompt needs transformer_options['cond_or_uncond'] "
+                             f"(set by ComfyUI's sampler) to know which rows are positive.")
+        text = cond.get("crossattn_controlnet", cond["c_crossattn"])
+        return {**cond, "crossattn_controlnet": context_with_local_prompt(text, self.local_context, labels)}
 
     def get_control(self, x_noisy, t, cond, batched_number, transformer_options):
         own, control_prev = self.run_chain(x_noisy, t, cond, batched_number, transformer_options)
         if own is None:
             return control_prev
         if self.balanced:
-            BlockInjection.for_call(transformer_options, self.granularity, self.max_lambda).add(
+            BlockInjection.for_call(transformer_options, self.granularity, self.max_lambda, self.label).add(
                 own.get("output", []), transformer_options)
             return control_prev
         return merge_outputs(own, control_prev)

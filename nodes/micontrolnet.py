@@ -32,8 +32,9 @@ CATEGORY = "conditioning/controlnet/balanced"
 STRENGTH_TOOLTIP = (
     "Scales this control's residuals. With the default strength_scaling 'paper' the effect is strongly "
     "non-linear: under add^com the strength also moves the weights (control A's weight 0.21 / 0.50 / 0.80 at "
-    "strength 0.5 / 1 / 2 against B at 1), and under add^inj λ ≈ ‖f_c‖²/‖f_e‖², so a single control's "
-    "injected term grows about with the cube of its strength until λ reaches max_lambda. "
+    "strength 0.5 / 1 / 2 against B at 1), and under add^inj (default lambda_convention 'as_written') "
+    "λ ≈ ‖f_c‖²/‖f_e‖², so a single control's injected term grows about with the cube of its strength until "
+    "λ reaches max_lambda ('mgda_weight_of_control' inverts this: λ ≈ ‖f_e‖²/‖f_c‖²). "
     "strength_scaling 'linear' (MIControlNetSettings) makes the injected term proportional to the strength."
 )
 

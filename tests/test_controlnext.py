@@ -626,3 +626,23 @@ def test_svd_unet_file_must_be_a_full_unet(svd_model):
     with pytest.raises(ValueError, match="unet.bin is not a full SVD UNet") as e:
         cx.apply_controlnext(svd_model, w, torch.rand(1, 64, 64, 3))
     assert "['x']" in str(e.value) and "missing from the file" in str(e.value)
+
+
+def test_call_transformer_options_puts_the_patches_first_once():
+    """A direct UNet call (training) orders the injection as the sampler does:
+    first in each list, once, even when the given options already hold it;
+    the given lists are not changed."""
+    def other(h, hsp, transformer_options):
+        return h, hsp
+
+    given = {"patches": {"output_block_patch": [other, cx.output_block_patch]}}
+    options = cx.call_transformer_options(cx.ControlNeXtCall("sum", {}), given)
+    assert options["patches"]["output_block_patch"] == [cx.output_block_patch, other]
+    assert options["patches"]["input_block_patch_after_skip"] == [cx.input_block_patch_after_skip]
+    assert given["patches"]["output_block_patch"] == [other, cx.output_block_patch]
+
+
+def test_bad_mask_message_names_what_was_found(sd15_model):
+    w = weights_for("sd15_training", seed=13)
+    with pytest.raises(ValueError, match=r"MASK shaped \(B, H, W\) or \(H, W\), got a tensor shaped \(1, 1, 8, 8\)"):
+        cx.apply_controlnext(sd15_model, w, torch.rand(1, 64, 64, 3), mask=torch.ones(1, 1, 8, 8))

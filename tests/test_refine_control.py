@@ -192,6 +192,17 @@ def test_balanced_injection_patch_is_add_inj():
     torch.testing.assert_close(out["img"], add_inj(img, r, 20.0, "layer"))
 
 
+def test_balanced_controls_of_one_call_must_share_their_settings():
+    opts = {}
+    first = rt.BlockInjection.for_call(opts, "layer", 20.0, "A")
+    assert rt.BlockInjection.for_call(opts, "layer", 20.0, "B") is first
+    with pytest.raises(ValueError, match=r"B: balanced injection with granularity 'token' and max_lambda 20.*"
+                                         r"A on the same model call uses granularity 'layer'"):
+        rt.BlockInjection.for_call(opts, "token", 20.0, "B")
+    with pytest.raises(ValueError, match=r"max_lambda 5, but A"):
+        rt.BlockInjection.for_call(opts, "layer", 5.0, "B")
+
+
 def _core_sd3_controlnet(seed):
     return comfy.controlnet.load_controlnet_state_dict(
         s3.sd3_controlnet_state_dict(num_blocks=2, latent_channels=16, seed=seed))
