@@ -9,13 +9,13 @@ One "step" is what ComfyUI's sampler does per sampling step with CFG: one
 batched model call on cond and uncond rows, with the control chain evaluated
 for that batch. The same SD1.5-architecture UNet and the same two ControlNets
 (random weights, ComfyUI's own classes and loader) are timed in one process,
-interleaved, under:
+interleaved with the order rotated every round, under:
 
 * core: two ``ControlNetApplyAdvanced`` (plain per-layer sum, ``h += r``),
 * MIControlNet layer: two ``MIControlNetApply`` (add^com + add^inj),
 * MIControlNet pixel: the same with pixel granularity,
 
-and the median ratio to core is printed. The balance map's recording
+and the median and min-max of the per-round ratios to core are printed. The balance map's recording
 (``record_balance``, on by default) runs on every model call that has positive
 rows; the "+ recording" configuration measures that cost.
 This is a benchmark, not a test: figures depend on the machine.
@@ -105,24 +105,31 @@ def main(argv=None):
         return out
 
     times = {name: [] for name in configs}
+    names = list(configs)
     with torch.inference_mode():
         for name, (control, extra) in configs.items():  # warm-up
             step(control, extra)
         for r in range(args.repeats):
-            for name, (control, extra) in configs.items():  # interleaved: noise hits all alike
+            # The order rotates every round: each configuration takes each slot equally
+            # often, so the cost of the first slot of a round falls on all alike.
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                control, extra = configs[name]
                 t0 = time.perf_counter()
                 step(control, extra)
                 times[name].append(time.perf_counter() - t0)
-            print(f"  repeat {r + 1}/{args.repeats}", flush=True)
+            print(f"  round {r + 1}/{args.repeats}", flush=True)
 
-    base = statistics.median(times["core (plain sum)"])
+    core_name = "core (plain sum)"
     print(f"\nper-step time, SD1.5 {'small' if args.small else 'full'} UNet + 2 ControlNets, batch 2 (cond+uncond), "
-          f"latent {side}x{side}, {device}, median of {args.repeats}:")
+          f"latent {side}x{side}, {device}, {args.repeats} rounds, order rotated:")
+    print(f"  {'configuration':32s} {'median ms':>10s}   {'ratio to core: median':>21s} {'min-max (per round)':>20s}")
     for name, ts in times.items():
-        med = statistics.median(ts)
-        print(f"  {name:32s} {med * 1000:9.1f} ms   ratio to core {med / base:6.3f}")
-    ratio = statistics.median(times["MIControlNet layer"]) / base
-    print(f"\nMIControlNet / core ratio: {ratio:.3f} (target <= 1.02)")
+        ratios = [t / c for t, c in zip(ts, times[core_name])]
+        print(f"  {name:32s} {statistics.median(ts) * 1000:10.1f}   {statistics.median(ratios):21.3f} "
+              f"{min(ratios):9.3f}-{max(ratios):.3f}")
+    ratios = [t / c for t, c in zip(times["MIControlNet layer"], times[core_name])]
+    print(f"\nMIControlNet / core ratio: median {statistics.median(ratios):.3f}, "
+          f"min-max {min(ratios):.3f}-{max(ratios):.3f} (target <= 1.02)")
     return 0
 
 
