@@ -107,12 +107,16 @@ MODEL_PATCH_NODES = {
                    "inputs": {"model": ["1", 0], "block_number": 1, "downscale_factor": 2.0, "start_percent": 0.0,
                               "end_percent": 0.6, "downscale_after_skip": True, "downscale_method": "bicubic",
                               "upscale_method": "bicubic"}},
+    "FreeU_V2": {"class_type": "FreeU_V2", "inputs": {"model": ["1", 0], "b1": 1.3, "b2": 1.4, "s1": 0.9, "s2": 0.2}},
+    "PAG": {"class_type": "PerturbedAttentionGuidance", "inputs": {"model": ["1", 0], "scale": 3.0}},
+    "SAG": {"class_type": "SelfAttentionGuidance", "inputs": {"model": ["1", 0], "scale": 0.5, "blur_sigma": 2.0}},
 }
 
 
 @pytest.mark.parametrize("patch", list(MODEL_PATCH_NODES))
 def test_model_patches_compose_through_the_server(server, patch):
-    """FreeU / Deep Shrink on the model: vanilla gives core's image, micontrolnet runs and draws its map."""
+    """FreeU, Deep Shrink, FreeU_V2, PAG, SAG on the model: vanilla gives core's image, micontrolnet runs
+    and draws its map."""
     core = core_only_prompt(server)
     core["20"] = MODEL_PATCH_NODES[patch]
     core["12"]["inputs"]["model"] = ["20", 0]
