@@ -51,6 +51,20 @@ def cached_model(name: str, build, *key) -> Path:
     return path
 
 
+def give_nonzero_outputs(cnet, seed: int = 5) -> None:
+    """Make a fresh (zero-output) ControlNet a stand-in for a trained one: random zero convs,
+    middle output and last hint conv, so its residuals are non-zero."""
+    import torch
+
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed)
+        for zc in list(cnet.zero_convs) + [cnet.middle_block_out]:
+            for p in zc.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+        last = [m for m in cnet.input_hint_block.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+        last.weight.copy_(torch.randn(last.weight.shape, generator=g) * 0.05)
+
+
 @pytest.fixture(scope="session")
 def small_sd15_files():
     """A small SD1.5-family checkpoint (detected as SD15 by ComfyUI) and two ControlNets for it."""

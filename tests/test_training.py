@@ -19,6 +19,7 @@ from PIL import Image
 import comfy.controlnet
 
 from balanced_control.nodes.micontrolnet import MIControlNetApply
+from conftest import give_nonzero_outputs
 from headless import synthetic as s
 from training import data, engine, models, objectives as O
 
@@ -87,13 +88,7 @@ def tiny():
     cfg = model.model_config.unet_config
     cnet = models.controlnet_from_unet(model.diffusion_model, cfg, seed=0)
     trained = copy.deepcopy(cnet)
-    with torch.no_grad():  # stand-in for a trained ControlNet: non-zero residuals
-        g = torch.Generator().manual_seed(5)
-        for zc in list(trained.zero_convs) + [trained.middle_block_out]:
-            for p in zc.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-        last = [m for m in trained.input_hint_block.modules() if isinstance(m, torch.nn.Conv2d)][-1]
-        last.weight.copy_(torch.randn(last.weight.shape, generator=g) * 0.05)
+    give_nonzero_outputs(trained)  # a stand-in for a trained ControlNet: non-zero residuals
     return {"model": model, "cfg": cfg, "fresh": cnet, "trained": trained}
 
 

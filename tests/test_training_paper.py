@@ -13,6 +13,7 @@ from torch.overrides import TorchFunctionMode
 import comfy.ldm.modules.attention as attention
 import comfy.supported_models
 
+from conftest import give_nonzero_outputs
 from headless import synthetic as s
 from training import models, objectives as O
 
@@ -34,13 +35,7 @@ def tiny64():
     model = _float64_unet()
     assert next(model.diffusion_model.parameters()).dtype == F64 and O.unet_dtype(model) == F64
     cnet = models.controlnet_from_unet(model.diffusion_model, model.model_config.unet_config, seed=0)
-    with torch.no_grad():  # a stand-in for a trained ControlNet: non-zero residuals
-        g = torch.Generator().manual_seed(5)
-        for zc in list(cnet.zero_convs) + [cnet.middle_block_out]:
-            for p in zc.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-        last = [m for m in cnet.input_hint_block.modules() if isinstance(m, torch.nn.Conv2d)][-1]
-        last.weight.copy_(torch.randn(last.weight.shape, generator=g) * 0.05)
+    give_nonzero_outputs(cnet)  # a stand-in for a trained ControlNet: non-zero residuals
     return model, cnet.double()
 
 

@@ -36,7 +36,19 @@ def add_batch_arguments(group) -> None:
 def add_regularisation_arguments(group) -> None:
     group.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: 0)")
     group.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm, 0 = off (default: 1)")
-    group.add_argument("--max-skipped-steps", type=int, default=20,
+    add_max_skipped_steps(group)
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def add_max_skipped_steps(group) -> None:
+    """The non-finite-step option every trainer has (training/loop.py skips such steps)."""
+    group.add_argument("--max-skipped-steps", type=_non_negative_int, default=20,
                        help="a step whose loss or gradients are not finite is skipped (weights unchanged, logged); "
                             "stop after this many in a row, 0 = never (default: 20)")
 
@@ -74,7 +86,7 @@ def common_problems(args) -> list[str]:
     for name in ("max_steps", "batch_size", "gradient_accumulation", "checkpoint_every", "validation_steps"):
         if getattr(args, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("keep_checkpoints", "validate_every", "max_skipped_steps"):
+    for name in ("keep_checkpoints", "validate_every"):
         if getattr(args, name) < 0:
             problems.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if not 0.0 <= args.empty_prompt_prob <= 1.0:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..cli import add_deprecated_spelling
+from ..cli import add_deprecated_spelling, add_max_skipped_steps
 
 PAPER_ABLATION = ("single-stage ablation: without --unlabeled there is no stage 2 (the paper reports "
                   "18.81 dB PSNR for it against 19.25 dB for the two-stage method)")
@@ -79,9 +79,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_deprecated_spelling(g, "--precision", "--mixed-precision", "mixed_precision", choices=["no", "bf16", "fp16"])
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm, 0 = off (default: 1)")
     add_deprecated_spelling(g, "--grad-clip", "--max-grad-norm", "max_grad_norm", type=float)
-    g.add_argument("--max-skipped-steps", type=int, default=20,
-                   help="a step whose loss or gradients are not finite is skipped (weights unchanged, logged); "
-                        "stop after this many in a row, 0 = never (default: 20)")
+    add_max_skipped_steps(g)
     g.add_argument("--text-cache-size", type=int, default=256,
                    help="prompts whose embeddings are kept in memory, least recently used dropped first; an SD3 "
                         "prompt is about 2.5 MB in fp32 (default: 256)")
