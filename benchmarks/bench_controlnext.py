@@ -42,7 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from headless.runtime import import_extension  # noqa: E402
+from headless.runtime import import_comfy  # noqa: E402
 
 
 def main(argv=None):
@@ -59,7 +59,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    import_extension()
+    import_comfy()
     import comfy.controlnet
     import comfy.model_management
     import comfy.model_patcher
@@ -68,8 +68,8 @@ def main(argv=None):
 
     from headless import synthetic as syn
 
-    from balanced_control.model_patches import controlnext as cx
-    from balanced_control.model_patches.controlnext_arch import ControlNeXtModule
+    from model_patches import controlnext as cx
+    from model_patches.controlnext_arch import ControlNeXtModule
 
     device = comfy.model_management.get_torch_device()
     unet_config = syn.SD15_UNET_SMALL if args.small else syn.SD15_UNET

@@ -50,7 +50,7 @@ def main(argv=None):
     import comfy.controlnet
     import nodes as comfy_nodes
 
-    from balanced_control.model_patches import mi_control
+    from model_patches import mi_control
     from balanced_control.nodes.micontrolnet import MIControlNetApply
     from headless import synthetic as s
 

@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from headless.runtime import import_extension  # noqa: E402
+from headless.runtime import import_comfy  # noqa: E402
 
 
 def main(argv=None):
@@ -39,7 +39,7 @@ def main(argv=None):
     p.add_argument("--student-layers", type=int, default=12)
     args = p.parse_args(argv)
 
-    import_extension()
+    import_comfy()
     import comfy.controlnet
     import comfy.model_management
 

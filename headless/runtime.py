@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-PACKAGE_NAME = "balanced_control"
+PACKAGE_NAME = "balanced_control"  # the extension package's name outside ComfyUI (ComfyUI names it by its folder)
 
 
 def cache_dir() -> Path:
@@ -26,14 +26,22 @@ def comfyui_path() -> Path:
 
 
 def import_comfy(force_cpu: bool | None = None):
-    """Put ComfyUI on sys.path and configure it before comfy.model_management is imported.
+    """Put ComfyUI and this repository on sys.path and configure ComfyUI before
+    comfy.model_management is imported.
 
-    On a machine without CUDA, ComfyUI must be told --cpu before its model
-    management module is imported, or that import fails on CUDA builds of torch.
+    ComfyUI's root goes first, so its top-level modules (``nodes``, ``server``)
+    are never shadowed by this repository's folders; the repository root after
+    it makes ``model_patches`` (and ``training``, ``headless``) importable as
+    ordinary top-level packages. On a machine without CUDA, ComfyUI must be
+    told --cpu before its model management module is imported, or that import
+    fails on CUDA builds of torch.
     """
     root = str(comfyui_path())
-    if root not in sys.path:
-        sys.path.insert(0, root)
+    if str(REPO) in sys.path:
+        sys.path.remove(str(REPO))
+    if root in sys.path:
+        sys.path.remove(root)
+    sys.path[0:0] = [root, str(REPO)]
     import torch
     import comfy.options  # noqa: F401  (must come before comfy.cli_args parses)
     import comfy.cli_args
@@ -47,8 +55,13 @@ def import_comfy(force_cpu: bool | None = None):
 
 
 def import_extension():
-    """Import this repository as the package ``balanced_control`` (the way ComfyUI
-    imports a custom-node folder: a package with relative imports)."""
+    """The extension package (``__init__.py`` and ``nodes/``), loaded the way ComfyUI
+    loads a custom-node folder: a package of its own, here named ``balanced_control``.
+
+    Only the node classes are reached through it (tests, benchmarks, training's
+    validation images); ``model_patches`` is imported by its own name everywhere,
+    the nodes included, so there is one copy of it per process.
+    """
     import_comfy()
     if PACKAGE_NAME in sys.modules:
         return sys.modules[PACKAGE_NAME]
@@ -57,5 +70,9 @@ def import_extension():
     )
     module = importlib.util.module_from_spec(spec)
     sys.modules[PACKAGE_NAME] = module
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[PACKAGE_NAME]
+        raise
     return module

@@ -77,10 +77,10 @@ def build_mmdit_controlnet(unet_config: dict = TINY_SD3, num_blocks: int = 2, la
 def sd3_controlnet_state_dict(unet_config: dict = TINY_SD3, num_blocks: int = 2, latent_channels: int = 17,
                               seed: int = 3, residual_gain: float = 1.0) -> dict:
     """Diffusers-layout keys of a random SD3 ControlNet."""
-    from .runtime import import_extension
+    from .runtime import import_comfy
 
-    import_extension()
-    from balanced_control.model_patches.refine_control_runtime import mmdit_controlnet_to_diffusers
+    import_comfy()
+    from model_patches.refine_control_runtime import mmdit_controlnet_to_diffusers
 
     cn = build_mmdit_controlnet(unet_config, num_blocks, latent_channels, seed, residual_gain)
     return mmdit_controlnet_to_diffusers(cn.state_dict(), unet_config["depth"], num_blocks)

@@ -12,7 +12,7 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
-from ..model_patches.controlnext import (
+from model_patches.controlnext import (
     COMBINE_MODES,
     FOLDER_NAME,
     UNCOND_MODES,

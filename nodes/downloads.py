@@ -9,7 +9,7 @@ from __future__ import annotations
 import comfy.utils
 from comfy_api.latest import io
 
-from ..model_patches import hub_download, hub_table
+from model_patches import hub_download, hub_table
 from .common import node_label
 
 

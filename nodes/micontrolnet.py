@@ -10,10 +10,10 @@ import torch
 import comfy.controlnet
 from comfy_api.latest import io
 
-from ..model_patches.balance import GRANULARITIES, LAMBDA_CONVENTION_DESCRIPTIONS, LAMBDA_CONVENTIONS
-from ..model_patches.balance_map import render_balance_map
-from ..model_patches.inputs import check_image, check_percent_range
-from ..model_patches.mi_control import (
+from model_patches.balance import GRANULARITIES, LAMBDA_CONVENTION_DESCRIPTIONS, LAMBDA_CONVENTIONS
+from model_patches.balance_map import render_balance_map
+from model_patches.inputs import check_image, check_percent_range
+from model_patches.mi_control import (
     MODE_DESCRIPTIONS,
     MODES,
     SETTINGS_KEY,

@@ -13,8 +13,8 @@ import comfy.controlnet
 import folder_paths
 from comfy_api.latest import io
 
-from ..model_patches.inputs import check_image, check_percent_range
-from ..model_patches.refine_control import (
+from model_patches.inputs import check_image, check_percent_range
+from model_patches.refine_control import (
     BLOCK_MAP_DESCRIPTIONS,
     BLOCK_MAPS,
     CONVENTIONS,
@@ -23,8 +23,8 @@ from ..model_patches.refine_control import (
     masked_image,
     normalise_mask,
 )
-from ..model_patches.refine_control_files import AUTO, load_refine_control, resolve_settings
-from ..model_patches.refine_control_runtime import RefineControl, sd3_control_model
+from model_patches.refine_control_files import AUTO, load_refine_control, resolve_settings
+from model_patches.refine_control_runtime import RefineControl, sd3_control_model
 from .common import attach_controls, node_label
 
 CATEGORY = "conditioning/controlnet/balanced"

@@ -21,8 +21,9 @@ if str(REPO) not in sys.path:
 
 from headless.runtime import cache_dir, import_extension  # noqa: E402
 
-# Import ComfyUI (with --cpu on machines without CUDA) and this extension as
-# the package "balanced_control" before any test module imports comfy.
+# Import ComfyUI (with --cpu on machines without CUDA) before any test module
+# imports comfy; model_patches is then importable by its own name, and the
+# extension (for its node classes) is loaded as the package "balanced_control".
 import_extension()
 
 

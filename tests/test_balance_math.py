@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from balanced_control.model_patches.balance import (
+from model_patches.balance import (
     add_com,
     add_inj,
     combination_weights,

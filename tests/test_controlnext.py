@@ -19,9 +19,9 @@ import torch
 import comfy.model_patcher
 import comfy.supported_models as sm
 
-from balanced_control.model_patches import controlnext as cx
-from balanced_control.model_patches.balance import add_com
-from balanced_control.model_patches.unet_patches import prepend_model_patch
+from model_patches import controlnext as cx
+from model_patches.balance import add_com
+from model_patches.unet_patches import prepend_model_patch
 from headless import synthetic as syn
 
 from controlnext_reference import (

@@ -13,7 +13,7 @@ import torch
 
 import comfy.sd
 
-from balanced_control.model_patches import controlnext as cx
+from model_patches import controlnext as cx
 
 from controlnext_reference import synthetic_state_dict
 from test_controlnext import (  # noqa: F401 (fixtures)

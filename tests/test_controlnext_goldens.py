@@ -20,7 +20,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from balanced_control.model_patches import controlnext as cx
+from model_patches import controlnext as cx
 
 from controlnext_reference import synthetic_state_dict
 from test_controlnext import model_for, sd15_model, sdxl_model, sdxl_wide_model, svd_model  # noqa: F401

@@ -18,8 +18,8 @@ import torch
 import comfy.model_patcher
 import comfy.supported_models as sm
 
-from balanced_control.model_patches import controlnext as cx
-from balanced_control.model_patches.controlnext_svd_unet import convert_svd_unet
+from model_patches import controlnext as cx
+from model_patches.controlnext_svd_unet import convert_svd_unet
 
 from controlnext_reference import synthetic_state_dict
 from headless import synthetic as syn

@@ -20,8 +20,8 @@ import pytest
 import safetensors.torch
 import torch
 
-from balanced_control.model_patches import hub_download as hd
-from balanced_control.model_patches import hub_table as ht
+from model_patches import hub_download as hd
+from model_patches import hub_table as ht
 from hub_mock import COMMIT, MockHub
 
 REPO = Path(__file__).resolve().parent.parent
@@ -55,7 +55,7 @@ def random_bytes(n: int, seed: int) -> bytes:
 
 
 def test_table_is_well_formed():
-    from balanced_control.model_patches.controlnext import FOLDER_NAME
+    from model_patches.controlnext import FOLDER_NAME
 
     assert len(ht.TABLE) >= 8
     for e in ht.TABLE.values():

@@ -17,8 +17,8 @@ from comfy_extras.nodes_model_downscale import PatchModelAddDownscale
 from comfy_extras.nodes_pag import PerturbedAttentionGuidance
 from comfy_extras.nodes_sag import SelfAttentionGuidance
 
-from balanced_control.model_patches import mi_control, mi_injection
-from balanced_control.model_patches.unet_patches import HAS_MIDDLE_BLOCK_AFTER_PATCH
+from model_patches import mi_control, mi_injection
+from model_patches.unet_patches import HAS_MIDDLE_BLOCK_AFTER_PATCH
 
 from test_mi_sampling import batch_inputs, mi_apply, one_forward, prepare, sample, tiny, with_settings  # noqa: F401
 
@@ -159,7 +159,7 @@ def test_t2i_adapter_none_entries_do_not_warn(tiny, caplog):
 def test_controlnext_injection_runs_before_freeu():
     """ControlNeXt's middle injection shares the output-block-0 place: it runs first too,
     whichever order FreeU and ControlNeXt were applied in."""
-    from balanced_control.model_patches import controlnext as cx
+    from model_patches import controlnext as cx
     from test_controlnext import SD15_CNX_UNET, _patcher, run_model, weights_for
     from headless import synthetic as syn
 

@@ -12,8 +12,8 @@ from comfy_extras.nodes_freelunch import FreeU_V2
 from comfy_extras.nodes_pag import PerturbedAttentionGuidance
 from comfy_extras.nodes_sag import SelfAttentionGuidance
 
-from balanced_control.model_patches import balance, mi_control, mi_injection
-from balanced_control.model_patches.balance_map import _cell_shape, render_balance_map
+from model_patches import balance, mi_control, mi_injection
+from model_patches.balance_map import _cell_shape, render_balance_map
 from balanced_control.nodes.micontrolnet import MIControlNetBalanceMap, MIControlNetSettings
 
 from test_mi_sampling import mi_apply, tiny, with_settings  # noqa: F401

@@ -17,7 +17,7 @@ import comfy.sample
 import comfy.samplers
 import nodes as comfy_nodes
 
-from balanced_control.model_patches import mi_control
+from model_patches import mi_control
 from balanced_control.nodes.micontrolnet import MIControlNetApply, MIControlNetBalanceMap, MIControlNetSettings
 from headless import synthetic as s
 

@@ -9,9 +9,9 @@ import json
 import pytest
 import torch
 
-from balanced_control.model_patches import refine_control as rc
-from balanced_control.model_patches import refine_control_runtime as rt
-from balanced_control.model_patches.balance import add_inj
+from model_patches import refine_control as rc
+from model_patches import refine_control_runtime as rt
+from model_patches.balance import add_inj
 from balanced_control.nodes.refine_control import RefineControlInpaintApply
 from headless import synthetic_sd3 as s3
 

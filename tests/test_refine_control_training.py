@@ -15,8 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from balanced_control.model_patches import refine_control as rc
-from balanced_control.model_patches import refine_control_runtime as rt
+from model_patches import refine_control as rc
+from model_patches import refine_control_runtime as rt
 from headless.runtime import REPO
 
 
@@ -175,14 +175,14 @@ def test_saved_student_loads_in_core_and_node(trained, sd3_runtime):
 
 
 def test_loader_reads_the_students_metadata(trained):
-    from balanced_control.model_patches import refine_control_files as rf
+    from model_patches import refine_control_files as rf
     control = rf.load_refine_control(trained["out"] / "refine_control_student.safetensors")
     assert getattr(control, rf.METADATA_ATTR) == {"convention": "diffusers", "wiring": "diffusers_0.29",
                                                    "layers": 2, "depth": 4}
 
 
 def test_auto_follows_the_file_and_a_contradicting_choice_fails(trained, sd3_runtime, tmp_path):
-    from balanced_control.model_patches import refine_control_files as rf
+    from model_patches import refine_control_files as rf
     path = _with_metadata(trained["out"] / "refine_control_student.safetensors", tmp_path / "s.safetensors",
                           wiring="comfyui", convention="comfyui")
     control = rf.load_refine_control(path)
@@ -207,7 +207,7 @@ def test_auto_follows_the_file_and_a_contradicting_choice_fails(trained, sd3_run
 
 
 def test_the_files_depth_and_layers_are_checked(trained, sd3_runtime, tmp_path):
-    from balanced_control.model_patches import refine_control_files as rf
+    from model_patches import refine_control_files as rf
     student = trained["out"] / "refine_control_student.safetensors"
     control = rf.load_refine_control(_with_metadata(student, tmp_path / "d.safetensors", depth="24"))
     pos, neg = _apply(sd3_runtime, torch.ones(1, 32, 32), control_net=control, convention="auto", wiring="auto")

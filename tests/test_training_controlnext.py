@@ -19,7 +19,7 @@ from PIL import Image
 import comfy.model_patcher
 import comfy.utils
 
-from balanced_control.model_patches import controlnext as cx
+from model_patches import controlnext as cx
 from headless import synthetic as s
 from headless.server import ComfyServer, copy_model
 from training import controlnext_trainer as T

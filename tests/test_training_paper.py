@@ -195,7 +195,7 @@ def _pairs():
 
 @pytest.mark.parametrize("granularity", ["layer", "pixel"])
 def test_both_lambda_conventions_against_a_brute_force_min_norm_solve(granularity):
-    from balanced_control.model_patches import balance
+    from model_patches import balance
 
     f_e, f_c = _pairs()
     max_lambda = 20.0
@@ -243,7 +243,7 @@ def test_zero_controlnet_trains_from_step_0_only_under_mgda_weight_of_control():
 
 
 def test_lambda_convention_reaches_the_node_settings_and_the_cli():
-    from balanced_control.model_patches import balance, mi_control
+    from model_patches import balance, mi_control
     from balanced_control.nodes.micontrolnet import MIControlNetSettings
     from training import micontrolnet
 

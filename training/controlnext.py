@@ -15,6 +15,7 @@ import argparse
 import re
 
 from . import cli
+from .controlnext_defaults import NO_UNET
 
 HELP = "train a ControlNeXt control module and a regex-selected subset of the UNet"
 
@@ -43,11 +44,6 @@ Multi-GPU / multi-node: torchrun --nproc_per_node 8 -m training controlnext ...
 --gradient-accumulation. See docs/training.md for the data layout.
 """
 
-# The variant of model_patches.controlnext that a base family trains.
-VARIANT_OF_FAMILY = {"SD1.5": "sd15_training", "SDXL": "sdxl"}
-DEFAULT_UNET_PATTERN = {"SD1.5": r"to_out", "SDXL": r"attn2\.to_out"}
-DEFAULT_UNET_WEIGHTS = {"SD1.5": "absolute", "SDXL": "delta"}
-NO_UNET = "none"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -15,8 +15,7 @@ from pathlib import Path
 import torch
 
 from . import engine
-from .controlnext import DEFAULT_UNET_PATTERN, DEFAULT_UNET_WEIGHTS, NO_UNET, VARIANT_OF_FAMILY
-from .runtime import controlnext as cnx_patches
+from .controlnext_defaults import DEFAULT_UNET_PATTERN, DEFAULT_UNET_WEIGHTS, NO_UNET, VARIANT_OF_FAMILY
 from .trainer import MIControlNetTrainer
 
 log = logging.getLogger("training")
@@ -78,9 +77,10 @@ class ControlledUNet(torch.nn.Module):
 
     def forward(self, x_in: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None,
                 hint: torch.Tensor) -> torch.Tensor:
+        from model_patches import controlnext as cx
+
         from .objectives import attention_options, unet_dtype
 
-        cx = cnx_patches()
         model = self.model
         unet = model.diffusion_model
         features = self.control(hint.to(self.control.dtype), timestep.to(torch.float32))
@@ -115,7 +115,7 @@ def param_groups(module: torch.nn.Module, unet_params: dict, lr: float, module_l
 def new_module(seed: int) -> torch.nn.Module:
     """A fresh 52-tensor module with PyTorch's default init (ControlNeXt's
     module is not zero-initialised: Cross Normalization fixes its scale)."""
-    from balanced_control.model_patches.controlnext_arch import CONFIG_320, ControlNeXtModule
+    from model_patches.controlnext_arch import CONFIG_320, ControlNeXtModule
 
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
@@ -128,9 +128,10 @@ def new_module(seed: int) -> torch.nn.Module:
 class ControlNeXtTrainer(MIControlNetTrainer):
     # ------------------------------------------------------------------ setup
     def _setup(self):
+        from model_patches import controlnext as cx
+
         from . import data, models
 
-        cx = cnx_patches()
         a, dist = self.args, self.dist
         engine.seed_everything(a.seed, a.deterministic)
         self.base = models.load_base_model(a.base, a.family, **engine.network_dtypes(a.mixed_precision))

@@ -58,7 +58,7 @@ def folder_for(folder: str, models_dir: Path | None) -> Path:
         return Path(models_dir) / folder
     from . import runtime
 
-    runtime.extension()   # ComfyUI's folder_paths, with models/controlnext registered by the nodes
+    runtime.nodes()   # ComfyUI's folder_paths, with models/controlnext registered by the nodes
     _, hub_download = _modules()
     return hub_download.comfy_folder(folder)
 

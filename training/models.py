@@ -233,8 +233,7 @@ def controlnet_from_file(path: str | Path, base: BaseModel, device="cpu") -> tor
     import comfy.controlnet
     import comfy.utils
 
-    from .runtime import mi_control
-    describe_unet_family = mi_control().describe_unet_family
+    from model_patches.mi_control import describe_unet_family
 
     path = Path(path)
     if not path.is_file():

@@ -41,8 +41,6 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from .runtime import mi_control
-
 TRAINING_LABEL = "training"
 
 
@@ -69,7 +67,8 @@ def injection_options(granularity: str = "layer", max_lambda: float = 20.0, mode
     settings the sampler would find (no balance record). ``mode`` is
     ``micontrolnet`` (add^inj) or ``vanilla`` (plain add, for the warm-up);
     ``lambda_convention`` is balance.injection_coefficient's."""
-    mi = mi_control()
+    from model_patches import mi_control as mi
+
     return {"cond_or_uncond": [0], **attention_options(),
             mi.SETTINGS_KEY: mi.settings_dict(mode, granularity, max_lambda, record_balance=False,
                                               lambda_convention=lambda_convention)}
@@ -89,7 +88,8 @@ def controlled_eps(model, cnet, x_unet: torch.Tensor, x_control: torch.Tensor, t
     ``x_unet`` and ``x_control`` are the scaled model inputs the UNet and the
     ControlNet get (the same tensor in plain training; the ControlNet's may
     carry a forward-mode tangent for L_QC)."""
-    mi = mi_control()
+    from model_patches import mi_control as mi
+
     residuals = cnet(x=x_control, hint=hint, timesteps=timestep, context=context, y=y,
                      transformer_options=attention_options())
     options = injection_options(granularity, max_lambda, mode, lambda_convention)

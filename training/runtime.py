@@ -1,10 +1,12 @@
-"""Import ComfyUI and this extension's ``model_patches`` for training.
+"""Import ComfyUI for training; the one way training reaches the extension.
 
 Training runs outside ComfyUI's server, so ComfyUI is put on ``sys.path`` (and
 told ``--cpu`` on machines without CUDA) before anything imports
-``comfy.model_management``. The extension is imported as the package the
-tests and benchmarks use, so training injects with the very module the
-nodes sample with.
+``comfy.model_management``; the repository root goes on ``sys.path`` after
+it. Training then imports ``model_patches`` as the ordinary package it is
+(``from model_patches import mi_control``), the same modules the nodes sample
+with. Node classes, where training samples exactly as a node does, come from
+``nodes()``.
 """
 
 from __future__ import annotations
@@ -18,33 +20,14 @@ if str(_REPO) not in sys.path:
 
 
 def setup_comfy(force_cpu: bool | None = None):
+    """ComfyUI importable and configured, ``model_patches`` importable; returns ComfyUI's root."""
     from headless.runtime import import_comfy
 
     return import_comfy(force_cpu)
 
 
-def extension():
+def nodes():
+    """The extension's ``nodes`` package (loaded as ComfyUI loads the extension)."""
     from headless.runtime import import_extension
 
-    return import_extension()
-
-
-def mi_control():
-    extension()
-    from balanced_control.model_patches import mi_control as module
-
-    return module
-
-
-def balance():
-    extension()
-    from balanced_control.model_patches import balance as module
-
-    return module
-
-
-def controlnext():
-    extension()
-    from balanced_control.model_patches import controlnext as module
-
-    return module
+    return import_extension().nodes

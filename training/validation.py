@@ -64,10 +64,9 @@ def _sample_and_save(trainer, patcher, positive, negative, image: torch.Tensor, 
 def sample_micontrolnet(trainer, step: int) -> Path:
     import comfy.controlnet
 
-    from .runtime import extension
+    from .runtime import nodes
 
-    extension()
-    from balanced_control.nodes.micontrolnet import MIControlNetApply, MIControlNetSettings
+    MIControlNetApply, MIControlNetSettings = nodes().micontrolnet.MIControlNetApply, nodes().micontrolnet.MIControlNetSettings
 
     a, base = trainer.args, trainer.base
     image, prompt = _condition_image(trainer)
@@ -82,9 +81,8 @@ def sample_micontrolnet(trainer, step: int) -> Path:
 
 @torch.no_grad()
 def sample_controlnext(trainer, step: int) -> Path:
-    from .runtime import controlnext
+    from model_patches import controlnext as cx
 
-    cx = controlnext()
     a, base = trainer.args, trainer.base
     image, prompt = _condition_image(trainer)
     module_sd = {k: v.detach().to("cpu", torch.float32).clone()

@@ -17,11 +17,10 @@ log = logging.getLogger("training.refine_control")
 
 def run_eval(args) -> int:
 
-    from ..runtime import extension, setup_comfy
+    from ..runtime import setup_comfy
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     setup_comfy()
-    extension()
     import torch
 
     records, skipped = scan_inpaint_data(args.data)
@@ -30,7 +29,7 @@ def run_eval(args) -> int:
     images_dir = Path(args.save_images) if args.save_images else None
     if images_dir is not None:
         images_dir.mkdir(parents=True, exist_ok=True)
-    from balanced_control.model_patches.refine_control_files import load_refine_control
+    from model_patches.refine_control_files import load_refine_control
 
     # with the files' own metadata, so 'auto' follows a student's file and contradictions fail
     nets = {"teacher": (load_refine_control(args.teacher, "--teacher"), args.teacher_wiring),
@@ -56,8 +55,10 @@ def run_eval(args) -> int:
 def evaluate_record(i: int, rec, args, patcher, vae, text, nets: dict, scores: dict, images_dir) -> int:
     """Inpaint one record with each ControlNet; 1 when its mask is empty (not scored), else 0."""
     import comfy.sample
-    from balanced_control.model_patches import refine_control as rc
-    from balanced_control.nodes.refine_control import RefineControlInpaintApply
+    from model_patches import refine_control as rc
+    from ..runtime import nodes
+
+    RefineControlInpaintApply = nodes().refine_control.RefineControlInpaintApply
 
     image, mask = load_pair(rec, args.resolution)
     image, mask = image[None], mask[None]
@@ -126,7 +127,7 @@ def median_controlnet_seconds(models: dict, latent_side: int, ctx_dim: int, adm:
     up. ``on_round(i)`` is called after each round."""
     import torch
 
-    from balanced_control.model_patches.refine_control_runtime import controlnet_layers
+    from model_patches.refine_control_runtime import controlnet_layers
 
     g = torch.Generator().manual_seed(0)
     inputs = {}

@@ -39,7 +39,7 @@ def load_sd3_base(path: str | Path, dtype=None):
 
 def load_sd3_controlnet(path: str | Path, label: str, dtype=None):
     import comfy.controlnet
-    from balanced_control.model_patches.refine_control_runtime import sd3_control_model
+    from model_patches.refine_control_runtime import sd3_control_model
 
     path = Path(path)
     if not path.is_file():
@@ -108,7 +108,7 @@ def base_dm_config(base_dm) -> dict:
 
 def student_diffusers_state_dict(student, depth: int, dtype) -> dict:
     """The student's weights in diffusers ``SD3ControlNetModel`` key layout, in ``dtype``."""
-    from balanced_control.model_patches.refine_control_runtime import mmdit_controlnet_to_diffusers
+    from model_patches.refine_control_runtime import mmdit_controlnet_to_diffusers
 
     sd = mmdit_controlnet_to_diffusers({k: v.detach() for k, v in student.state_dict().items()}, depth,
                                        len(student.joint_blocks))

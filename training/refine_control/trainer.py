@@ -25,10 +25,7 @@ class RefineControlTrainer(TrainingLoop):
     average_gradients_by_hand = True
 
     def __init__(self, args):
-        from ..runtime import extension
-
         super().__init__(args)
-        extension()
 
     def total_steps(self) -> int:
         return self.args.stage1_steps + self.args.stage2_steps
@@ -38,7 +35,7 @@ class RefineControlTrainer(TrainingLoop):
 
         from .. import engine
         from .cli import resolve_stages
-        from balanced_control.model_patches import refine_control as rc
+        from model_patches import refine_control as rc
 
         args, dist = self.args, self.dist
         for note in resolve_stages(args):
@@ -156,7 +153,7 @@ class RefineControlTrainer(TrainingLoop):
     def step_losses(self, step: int, stage: int, autocast) -> dict:
         import torch
 
-        from balanced_control.model_patches.refine_control_runtime import controlnet_layers
+        from model_patches.refine_control_runtime import controlnet_layers
 
         rc, args, dev = self.rc, self.args, self.dist.device
         images, masks, ctx, pooled, ctx_cn, gens = self.batch(step, stage)
