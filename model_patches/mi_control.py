@@ -10,7 +10,7 @@ only:
    residuals stay un-summed.
 2. In ``get_control`` it applies its own strength and mask, then hands the
    residuals to the ``BalancedInjection`` of this model call
-   (``mi_injection``), which lives in the call's ``transformer_options`` (a
+   (``injection``), which lives in the call's ``transformer_options`` (a
    fresh dict the sampler builds for every model call). The first
    minimal-impact control of a call creates it and registers, on that dict
    only and *first* in each list, an ``input_block_patch``, an
@@ -38,65 +38,26 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any
 
 import torch
 
 import comfy.controlnet
 import comfy.utils
 
-from .balance import GRANULARITIES, LAMBDA_CONVENTIONS, reduction_memory_bytes
-from . import mi_injection
-from .mi_injection import INACTIVE_KEY, INJECTION_KEY, WRAPPER_KEY, BalanceRecord  # noqa: F401
+from .balance import reduction_memory_bytes
+from .injection.engine import INACTIVE_KEY, BalanceRecord  # noqa: F401
+from .injection.settings import (  # noqa: F401  (re-exported for the nodes and tests)
+    MODE_DESCRIPTIONS,
+    MODES,
+    SETTINGS_KEY,
+    STRENGTH_SCALING_DESCRIPTIONS,
+    STRENGTH_SCALINGS,
+    BalanceSettings,
+    settings_dict,
+)
+from .injection.unet_sites import INJECTION_KEY, WRAPPER_KEY, UNetInjection
 
 log = logging.getLogger(__name__)
-
-MODES = ("micontrolnet", "controlnet_star", "vanilla")
-MODE_DESCRIPTIONS = {
-    "micontrolnet": "add^com to combine, add^inj to inject (MIControlNet)",
-    "controlnet_star": "add^com to combine, plain add to inject (ControlNet*)",
-    "vanilla": "plain sum to combine, plain add to inject (core behaviour)",
-}
-
-# Key in model_options["transformer_options"] set by the MIControlNetSettings node.
-SETTINGS_KEY = "balanced_control_settings"
-# How a control's strength enters the balancing (MIControlNetSettings' strength_scaling).
-STRENGTH_SCALINGS = ("paper", "linear")
-STRENGTH_SCALING_DESCRIPTIONS = {
-    "paper": "the residuals are scaled by the strength before add^com and add^inj, as in the paper and in "
-             "core: strength also moves the weights and λ, so the effect is strongly non-linear",
-    "linear": "weights and λ are computed at strength 1 and the control's term is then scaled by its "
-              "strength: a single control's injected term is proportional to its strength",
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class BalanceSettings:
-    mode: str = "micontrolnet"
-    granularity: str = "layer"
-    max_lambda: float = 20.0
-    record_balance: bool = True
-    strength_scaling: str = "paper"
-    lambda_convention: str = "as_written"  # balance.injection_coefficient
-
-    def __post_init__(self):
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.granularity not in GRANULARITIES:
-            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
-        if not self.max_lambda >= 0:
-            raise ValueError(f"max_lambda must be >= 0, got {self.max_lambda}")
-        if self.strength_scaling not in STRENGTH_SCALINGS:
-            raise ValueError(f"strength_scaling must be one of {STRENGTH_SCALINGS}, got {self.strength_scaling!r}")
-        if self.lambda_convention not in LAMBDA_CONVENTIONS:
-            raise ValueError(f"lambda_convention must be one of {LAMBDA_CONVENTIONS}, got {self.lambda_convention!r}")
-
-    @classmethod
-    def from_transformer_options(cls, transformer_options: dict) -> "BalanceSettings":
-        raw = transformer_options.get(SETTINGS_KEY)
-        if raw is None:
-            return cls()
-        return cls(**raw)
 
 
 # --------------------------------------------------------------------------
@@ -162,11 +123,11 @@ def check_control_fits_model(control: comfy.controlnet.ControlBase, model, label
 
 
 # --------------------------------------------------------------------------
-# per-call injection (model_patches/mi_injection.py)
+# per-call injection (model_patches/injection/)
 # --------------------------------------------------------------------------
 
 
-class BalancedInjection(mi_injection.BalancedInjection):
+class BalancedInjection(UNetInjection):
     @classmethod
     def for_call(cls, transformer_options: dict) -> "BalancedInjection":
         """The call's injection; the first minimal-impact control of a call
@@ -371,11 +332,3 @@ def explain_missing_record(conditioning: list) -> str:
         return ("the controls were active only in model calls without positive rows (negative conditioning "
                 "only); the map shows the positive rows. Attach the controls to the positive conditioning.")
     return "the controls ran, but no model call finished (was the run interrupted?)."
-
-
-def settings_dict(mode: str, granularity: str, max_lambda: float, record_balance: bool = True,
-                  strength_scaling: str = "paper", lambda_convention: str = "as_written") -> dict[str, Any]:
-    """Validated settings in the form stored in model_options."""
-    return dataclasses.asdict(BalanceSettings(mode, granularity, float(max_lambda), bool(record_balance),
-                                              strength_scaling=strength_scaling,
-                                              lambda_convention=lambda_convention))

@@ -18,6 +18,7 @@ from comfy_extras.nodes_pag import PerturbedAttentionGuidance
 from comfy_extras.nodes_sag import SelfAttentionGuidance
 
 from model_patches import mi_control, mi_injection
+from model_patches.injection import engine
 from model_patches.unet_patches import HAS_MIDDLE_BLOCK_AFTER_PATCH
 
 from test_mi_sampling import batch_inputs, mi_apply, one_forward, prepare, sample, tiny, with_settings  # noqa: F401
@@ -81,7 +82,7 @@ def test_our_patches_run_first_and_others_stay(tiny):
 
 
 def _our_warnings(caplog):
-    return [r for r in caplog.records if r.name == mi_injection.__name__ and "not applied" in r.getMessage()]
+    return [r for r in caplog.records if r.name == engine.__name__ and "not applied" in r.getMessage()]
 
 
 def test_deep_shrink_skips_resized_residuals_with_one_warning_per_call(tiny, caplog):
