@@ -25,11 +25,15 @@ Conventions shared by every function here:
 
 from __future__ import annotations
 
+import logging
+import warnings
 from typing import Sequence
 
 import torch
 
 GRANULARITIES = ("layer", "pixel")
+# Older spellings still read: "token" (Refine-Control's name for one coefficient per DiT image token).
+DEPRECATED_GRANULARITIES = {"token": "pixel"}
 # How eq. 9's λ* is read; see ``injection_coefficient``.
 LAMBDA_CONVENTIONS = ("as_written", "mgda_weight_of_control")
 LAMBDA_CONVENTION_DESCRIPTIONS = {
@@ -41,6 +45,7 @@ LAMBDA_CONVENTION_DESCRIPTIONS = {
 
 __all__ = [
     "GRANULARITIES",
+    "canonical_granularity",
     "LAMBDA_CONVENTIONS",
     "injection_coefficient",
     "mgda_coefficient",
@@ -51,6 +56,23 @@ __all__ = [
     "channel_norm",
     "reduction_memory_bytes",
 ]
+
+
+def canonical_granularity(granularity: str, what: str = "granularity") -> str:
+    """The canonical name of a granularity: "layer" or "pixel" (one coefficient per
+    row and position: a UNet pixel or a DiT image token). The deprecated spelling
+    "token" is read as "pixel", with a warning."""
+    if granularity in GRANULARITIES:
+        return granularity
+    if granularity in DEPRECATED_GRANULARITIES:
+        new = DEPRECATED_GRANULARITIES[granularity]
+        warnings.warn(f"{what}: granularity {granularity!r} is a deprecated spelling of {new!r}; use {new!r}",
+                      DeprecationWarning, stacklevel=3)
+        logging.getLogger(__name__).warning("%s: granularity %r is a deprecated spelling of %r; use %r",
+                                            what, granularity, new, new)
+        return new
+    raise ValueError(f"{what}: granularity must be one of {GRANULARITIES} (or the deprecated "
+                     f"{sorted(DEPRECATED_GRANULARITIES)}), got {granularity!r}")
 
 
 def _reduce_dims(x: torch.Tensor, granularity: str) -> tuple[int, ...]:

@@ -63,6 +63,7 @@ from .controlnext_inject import (  # noqa: F401 (re-exported)
 )
 from .controlnext_unet import add_unet_patches, describe_unet_file, unet_weight_patches  # noqa: F401
 from .inputs import check_image, check_percent_range
+from .masks import normalise_mask
 from .unet_patches import prepend_model_patch
 
 
@@ -77,11 +78,7 @@ def apply_controlnext(model, weights: ControlNeXtWeights, image: torch.Tensor, s
     check_image(image, label)
     if image.shape[-1] == 1:
         image = image.expand(*image.shape[:-1], 3)
-    if mask is not None and (not isinstance(mask, torch.Tensor) or mask.ndim not in (2, 3)):
-        found = (f"a tensor shaped {tuple(mask.shape)}" if isinstance(mask, torch.Tensor)
-                 else type(mask).__name__)
-        raise ValueError(f"{label}: expected a MASK shaped (B, H, W) or (H, W), got {found}; connect a MASK "
-                         f"output (e.g. from Load Image or Convert Image to Mask).")
+    mask = normalise_mask(mask, label)
     check_percent_range(start_percent, end_percent, label)
     variant = resolve_variant(weights, model)
     m = model.clone()

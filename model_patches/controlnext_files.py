@@ -27,6 +27,7 @@ from .controlnext_arch import (
     ControlNeXtModule,
     ModuleConfig,
 )
+from .families import family_name
 
 log = logging.getLogger(__name__)
 
@@ -325,17 +326,8 @@ class ControlNeXtWeights:
 
 
 def model_family(model) -> str:
-    """'SDXL', 'SD1.5', 'SVD' or a description of another model."""
-    import comfy.supported_models as sm
-
-    cfg = getattr(getattr(model, "model", None), "model_config", None)
-    if isinstance(cfg, sm.SVD_img2vid):
-        return "SVD"
-    if isinstance(cfg, (sm.SDXL,)) and not isinstance(cfg, sm.SDXLRefiner):
-        return "SDXL"
-    if isinstance(cfg, sm.SD15):
-        return "SD1.5"
-    return type(cfg).__name__ if cfg is not None else type(getattr(model, "model", model)).__name__
+    """'SDXL', 'SD1.5', 'SVD' or another family's (or model config's) name (families.py)."""
+    return family_name(model)
 
 
 def base_weight(model_patcher, key: str, model_sd: dict) -> torch.Tensor:

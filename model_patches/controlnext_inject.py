@@ -25,6 +25,7 @@ import comfy.utils
 from .balance import add_com
 from .controlnext_arch import cross_normalize
 from .controlnext_files import ControlNeXtWeights, Variant
+from .masks import mask_at, mask_index_per_row, normalise_mask
 from .unet_patches import prepend_patches
 
 STACK_KEY = "balanced_control_controlnext"
@@ -48,7 +49,7 @@ class ControlNeXtControl:
         self.hint = image[..., :3].movedim(-1, 1).to(torch.float32)
         self.strength = float(strength)
         self.percent_range = (float(start_percent), float(end_percent))
-        self.mask = None if mask is None else (mask.unsqueeze(0) if mask.ndim == 2 else mask).to(torch.float32)
+        self.mask = normalise_mask(mask, label)
         self.uncond_rule = variant.uncond_default if uncond == "variant default" else uncond
         self.label = label
         self._hint_cache: tuple | None = None
@@ -99,22 +100,14 @@ class ControlNeXtControl:
         """Which mask each batch row takes: one mask for all rows, or one per
         latent of the batch (per video frame for SVD) in every cond/uncond
         chunk of ``per`` rows, independent of how many control images there are."""
-        count = self.mask.shape[0]
-        if count == 1:
-            return torch.zeros(n_rows, dtype=torch.long)
-        if count != per:
-            raise ValueError(
-                f"{self.label}: the mask batch has {count} masks, but the latent batch has {per} latents "
-                f"({'video frames' if self.variant.family == 'SVD' else 'images'}). Expected 1 mask (used for "
-                f"every latent) or {per} (one per latent, in order); give a mask batch of that size.")
-        return torch.arange(n_rows) % per
+        return mask_index_per_row(self.mask.shape[0], n_rows, per, self.label,
+                                  "video frames" if self.variant.family == "SVD" else "images")
 
     def mask_at(self, height: int, width: int, device) -> torch.Tensor:
         """The mask as (B, 1, height, width) on ``device``, resized like the hint."""
         key = (height, width, str(device))
         if self._mask_cache is None or self._mask_cache[0] != key:
-            m = self.mask.to(device).unsqueeze(1)
-            self._mask_cache = (key, comfy.utils.common_upscale(m, width, height, "bilinear", "center"))
+            self._mask_cache = (key, mask_at(self.mask, height, width, device))
         return self._mask_cache[1]
 
     def __deepcopy__(self, memo):

@@ -45,6 +45,8 @@ import comfy.controlnet
 import comfy.utils
 
 from .balance import reduction_memory_bytes
+from .families import describe_unet
+from .masks import mask_for_rows
 from .injection.engine import INACTIVE_KEY, BalanceRecord  # noqa: F401
 from .injection.settings import (  # noqa: F401  (re-exported for the nodes and tests)
     MODE_DESCRIPTIONS,
@@ -64,37 +66,9 @@ log = logging.getLogger(__name__)
 # architecture fit
 # --------------------------------------------------------------------------
 
-# (text context width, class-embedding width) -> family. The block count is
-# compared separately: it varies between a family's full and small variants.
-_KNOWN_FAMILIES = {
-    (768, None): "SD1.5",
-    (1024, None): "SD2.x",
-    (1024, 768): "SD2.x unCLIP",
-    (2048, 2816): "SDXL",
-    (1280, 2560): "SDXL refiner",
-}
-
-
 def describe_unet_family(module: torch.nn.Module) -> dict:
-    """Summarise a ComfyUI UNet or cldm ControlNet: input blocks, text context
-    width, class-embedding width, and the family name when it is a known one."""
-    n_input = len(getattr(module, "input_blocks", []))
-    context = None
-    for name, sub in module.named_modules():
-        if name.endswith("attn2.to_k") and hasattr(sub, "in_features"):
-            context = int(sub.in_features)
-            break
-    adm = None
-    label_emb = getattr(module, "label_emb", None)
-    if label_emb is not None:
-        for sub in label_emb.modules():
-            if hasattr(sub, "in_features"):
-                adm = int(sub.in_features)
-                break
-    family = _KNOWN_FAMILIES.get((context, adm))
-    text = f"{n_input} input blocks, text context {context}, class embedding {adm or 'none'}"
-    return {"input_blocks": n_input, "context_dim": context, "adm_in_channels": adm,
-            "family": family, "text": (f"{family}-family ({text})" if family else text)}
+    """Summarise a ComfyUI UNet or cldm ControlNet (families.describe_unet: the one family table)."""
+    return describe_unet(module)
 
 
 def check_control_fits_model(control: comfy.controlnet.ControlBase, model, label: str) -> None:
@@ -240,16 +214,7 @@ class MinimalImpactControl(WrappedControl):
         key = (r.shape[0], r.shape[-2], r.shape[-1], r.device, r.dtype, batched_number)
         m = self._mask_cache.get(key)
         if m is None:
-            mask = self.mask
-            if mask.ndim == 2:
-                mask = mask.unsqueeze(0)
-            mask = mask.unsqueeze(1).to(device=r.device, dtype=torch.float32)
-            # Same resize and centre crop as core uses for hints.
-            mask = comfy.utils.common_upscale(mask, r.shape[-1], r.shape[-2], "bilinear", "center")
-            if mask.shape[0] != r.shape[0]:
-                mask = comfy.controlnet.broadcast_image_to(mask, r.shape[0], batched_number)
-            m = mask.to(r.dtype)
-            self._mask_cache[key] = m
+            m = self._mask_cache[key] = mask_for_rows(self.mask, r, batched_number)  # as core resizes hints
         return r * m
 
     def pre_run(self, model, percent_to_timestep_function):

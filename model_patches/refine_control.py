@@ -29,9 +29,9 @@ evaluation all use them, so a student is trained and run the same way.
     the shift to 0), soft mask kept soft in the keep channel, pixels multiplied
     by the rounded keep mask (core's ``ControlNetInpaintingAliMamaApply``).
 
-* **Losses** of the two training stages: mask-weighted task loss, output
-  distillation and asymmetric feature alignment, with the alignment derived
-  from the two wirings (``alignment_plan``).
+* **Alignment plan** of the two wirings (``alignment_plan``), which the
+  feature-alignment loss of training reads (the losses and the evaluation
+  metrics are training's: training/refine_control/losses.py, metrics.py).
 
 Reductions are accumulated in fp32; results keep nothing on the inputs.
 """
@@ -43,6 +43,8 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+
+from . import masks
 
 # --------------------------------------------------------------------------
 # block wiring
@@ -142,73 +144,6 @@ def alignment_plan(student_map: Sequence[int | None], teacher_map: Sequence[int 
 
 
 # --------------------------------------------------------------------------
-# losses
-# --------------------------------------------------------------------------
-
-
-def inpaint_weights(mask: torch.Tensor, alpha: float) -> torch.Tensor:
-    """w = α·M + (1 − α)·(1 − M), fp32; M = 1 where to inpaint."""
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    m = mask.to(torch.float32)
-    return alpha * m + (1.0 - alpha) * (1.0 - m)
-
-
-def task_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, alpha: float = 0.975) -> torch.Tensor:
-    """mean(w ⊙ (pred − target)²) over every element; ``mask`` (B, 1, h, w)
-    at latent resolution broadcasts over channels."""
-    if mask.ndim != pred.ndim or mask.shape[0] not in (1, pred.shape[0]) or mask.shape[-2:] != pred.shape[-2:]:
-        raise ValueError(f"task_loss: mask shaped {tuple(mask.shape)} does not fit predictions {tuple(pred.shape)}; "
-                         f"expected (B, 1, {pred.shape[-2]}, {pred.shape[-1]})")
-    err = (pred.float() - target.float()).square()
-    return (inpaint_weights(mask, alpha) * err).mean()
-
-
-def distillation_loss(student_pred: torch.Tensor, teacher_pred: torch.Tensor) -> torch.Tensor:
-    """mean((v_S − sg(v_T))²)."""
-    return (student_pred.float() - teacher_pred.detach().float()).square().mean()
-
-
-AF_NORMALISATIONS = ("teacher", "none")
-
-
-def feature_alignment_loss(student_features: Sequence[torch.Tensor], teacher_features: Sequence[torch.Tensor],
-                           plan: Sequence[AlignmentTerm], normalise: str = "teacher",
-                           eps: float = 1e-12) -> torch.Tensor:
-    """L_af = Σ_j e_j over ``alignment_plan``'s terms, with, per batch row b,
-
-        d_j = |B_j|·f^S_j − sg(Σ_{k∈T_j} f^T_k)          (what each injects into blocks B_j)
-        e_j = mean_b( mean(d_j²) / (mean((Σ_k f^T_k)²) + eps) )   normalise="teacher"
-        e_j = mean(d_j²)                                       normalise="none"
-
-    With ``"teacher"`` each term is the student's error relative to the
-    teacher's own signal in that row: unchanged when both features are scaled
-    by the same factor, so layers whose residuals differ by orders of
-    magnitude weigh alike and L_af cannot swamp L_kd by scale alone (each
-    term is 1 when the student injects nothing). The features are what the
-    caller passes: the trainer passes the residuals after each layer's output
-    projection (what is injected), see ``--af-features``. Reductions in fp32."""
-    if normalise not in AF_NORMALISATIONS:
-        raise ValueError(f"feature_alignment_loss: normalise must be one of {AF_NORMALISATIONS}, got {normalise!r}")
-    total = None
-    for term in plan:
-        if not term.teacher_layers:
-            continue
-        fs = student_features[term.student_layer].float() * term.count
-        ft = sum(teacher_features[k].detach().float() for k in term.teacher_layers)
-        err = (fs - ft).square()
-        if normalise == "teacher":
-            per_row = err.flatten(1).mean(dim=1) / (ft.square().flatten(1).mean(dim=1) + eps)
-            value = per_row.mean()
-        else:
-            value = err.mean()
-        total = value if total is None else total + value
-    if total is None:
-        raise ValueError("feature_alignment_loss: the plan pairs no student layer with a teacher layer")
-    return total
-
-
-# --------------------------------------------------------------------------
 # inpainting conditioning
 # --------------------------------------------------------------------------
 
@@ -243,12 +178,9 @@ def convention(name: str) -> InpaintConvention:
 
 def normalise_mask(mask: torch.Tensor) -> torch.Tensor:
     """A ComfyUI MASK (H, W) or (B, H, W) as fp32 (B, H, W) in [0, 1]; NaN counts as 0."""
-    if not isinstance(mask, torch.Tensor) or mask.ndim not in (2, 3):
-        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise ValueError(f"mask: expected a MASK shaped (B, H, W) or (H, W), got {shape}")
-    if mask.ndim == 2:
-        mask = mask.unsqueeze(0)
-    return torch.nan_to_num(mask.float(), nan=0.0).clamp(0.0, 1.0)
+    if mask is None:
+        raise ValueError("mask: expected a MASK shaped (B, H, W) or (H, W), got None; connect the inpaint mask.")
+    return masks.normalise_mask(mask, "mask")
 
 
 def keep_mask(mask: torch.Tensor, conv: InpaintConvention) -> torch.Tensor:
@@ -296,46 +228,3 @@ def conditioning_latent(raw_latent: torch.Tensor, mask: torch.Tensor, conv: Inpa
 def latent_mask(mask: torch.Tensor, latent_hw: tuple[int, int], conv: InpaintConvention) -> torch.Tensor:
     """(B, 1, h, w) fp32 inpaint mask M (1 = inpaint) at latent size, for the task loss."""
     return 1.0 - keep_channel(mask, latent_hw, conv)
-
-
-# --------------------------------------------------------------------------
-# metrics
-# --------------------------------------------------------------------------
-
-
-def masked_psnr(pred: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR (dB) over the masked pixels; images (B, H, W, C) in [0, 1],
-    mask (B, H, W) with 1 = inpainted. NaN for an image with an empty mask."""
-    m = (normalise_mask(mask) > 0.5).float().unsqueeze(-1)
-    err = ((pred.float() - ref.float()).square() * m).sum(dim=(1, 2, 3))
-    n = m.sum(dim=(1, 2, 3)) * pred.shape[-1]
-    mse = err / n.clamp_min(1)
-    psnr = 10.0 * torch.log10(1.0 / mse.clamp_min(1e-10))
-    return torch.where(n > 0, psnr, torch.full_like(psnr, float("nan")))
-
-
-def masked_ssim(pred: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor, window: int = 7) -> torch.Tensor:
-    """Per-image mean SSIM over the masked pixels (grey-level, uniform
-    ``window``×``window`` statistics, constants of Wang et al. 2004 for data
-    range 1). NaN for an image with an empty mask."""
-    def grey(x):
-        x = x.float()
-        return (0.299 * x[..., 0] + 0.587 * x[..., 1] + 0.114 * x[..., 2]).unsqueeze(1) if x.shape[-1] >= 3 \
-            else x[..., 0].unsqueeze(1)
-
-    a, b = grey(pred), grey(ref)
-    pad = window // 2
-
-    def local_mean(x):
-        return F.avg_pool2d(F.pad(x, (pad, pad, pad, pad), mode="reflect"), window, stride=1)
-
-    c1, c2 = 0.01 ** 2, 0.03 ** 2
-    mu_a, mu_b = local_mean(a), local_mean(b)
-    var_a = local_mean(a * a) - mu_a.square()
-    var_b = local_mean(b * b) - mu_b.square()
-    cov = local_mean(a * b) - mu_a * mu_b
-    ssim = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a.square() + mu_b.square() + c1) * (var_a + var_b + c2))
-    m = (normalise_mask(mask) > 0.5).float().unsqueeze(1)
-    n = m.sum(dim=(1, 2, 3))
-    val = (ssim * m).sum(dim=(1, 2, 3)) / n.clamp_min(1)
-    return torch.where(n > 0, val, torch.full_like(val, float("nan")))

@@ -40,14 +40,14 @@ import comfy.controlnet
 import comfy.latent_formats
 import comfy.utils
 
-from .balance import add_inj
+from .balance import GRANULARITIES, add_inj, canonical_granularity
 from .mi_control import WrappedControl
 from .refine_control import block_map, convention, residuals_for_blocks
 
 log = logging.getLogger(__name__)
 
 INJECTION_KEY = "refine_control_injection"
-INJECTION_GRANULARITIES = ("layer", "token")
+INJECTION_GRANULARITIES = GRANULARITIES  # "pixel": one coefficient per image token
 
 
 class NotSD3ControlNetError(ValueError):
@@ -178,7 +178,7 @@ class BlockInjection:
     with add^inj after each base block."""
 
     def __init__(self, granularity: str, max_lambda: float, label: str = "RefineControl"):
-        self.granularity = granularity
+        self.granularity = canonical_granularity(granularity, label)
         self.max_lambda = max_lambda
         self.label = label  # the control whose settings these are, for messages
         self.per_block: dict[int, list[torch.Tensor]] = {}
@@ -189,6 +189,7 @@ class BlockInjection:
         """The call's injection; the first balanced control creates it, later
         ones must ask for the same settings (their residuals are summed per
         block before the one add^inj)."""
+        granularity = canonical_granularity(granularity, label)
         inj = transformer_options.get(INJECTION_KEY)
         if inj is None:
             inj = cls(granularity, max_lambda, label)
@@ -226,7 +227,7 @@ class BlockInjection:
             r = r.to(device=img.device, dtype=img.dtype)
             if r.shape[0] != img.shape[0]:
                 r = r.expand_as(img)
-            if self.granularity == "token":
+            if self.granularity == "pixel":
                 # add_inj's "pixel" reduces over dim 1: put channels there.
                 injected = add_inj(img.transpose(1, 2), r.transpose(1, 2), self.max_lambda, "pixel").transpose(1, 2)
             else:
@@ -242,8 +243,7 @@ class RefineControl(WrappedControl):
     def __init__(self, inner: comfy.controlnet.ControlNet, wiring: str, balanced: bool = False,
                  granularity: str = "layer", max_lambda: float = 20.0, label: str = "RefineControl",
                  local_context: torch.Tensor | None = None, expected_depth: int | None = None):
-        if granularity not in INJECTION_GRANULARITIES:
-            raise ValueError(f"granularity must be one of {INJECTION_GRANULARITIES}, got {granularity!r}")
+        granularity = canonical_granularity(granularity, label)
         super().__init__(inner, label)
         self.wiring = wiring
         self.balanced = balanced

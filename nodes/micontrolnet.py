@@ -5,14 +5,13 @@ Thin V3 schemas; the logic lives in ``model_patches.mi_control``.
 
 from __future__ import annotations
 
-import torch
-
 import comfy.controlnet
 from comfy_api.latest import io
 
 from model_patches.balance import GRANULARITIES, LAMBDA_CONVENTION_DESCRIPTIONS, LAMBDA_CONVENTIONS
 from model_patches.balance_map import render_balance_map
 from model_patches.inputs import check_image, check_percent_range
+from model_patches.masks import normalise_mask
 from model_patches.mi_control import (
     MODE_DESCRIPTIONS,
     MODES,
@@ -37,17 +36,6 @@ STRENGTH_TOOLTIP = (
     "λ reaches max_lambda ('mgda_weight_of_control' inverts this: λ ≈ ‖f_e‖²/‖f_c‖²). "
     "strength_scaling 'linear' (MIControlNetSettings) makes the injected term proportional to the strength."
 )
-
-
-def _normalise_mask(mask: torch.Tensor | None, what: str) -> torch.Tensor | None:
-    if mask is None:
-        return None
-    if not isinstance(mask, torch.Tensor) or mask.ndim not in (2, 3):
-        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise ValueError(f"{what}: expected a MASK shaped (B, H, W) or (H, W), got {shape}.")
-    if mask.ndim == 2:
-        mask = mask.unsqueeze(0)
-    return mask.float().clamp(0.0, 1.0)
 
 
 class MIControlNetApply(io.ComfyNode):
@@ -92,7 +80,7 @@ class MIControlNetApply(io.ComfyNode):
             raise ValueError(f"{label}: control_net must be a CONTROL_NET from a ControlNet loader, "
                              f"got {type(control_net).__name__}.")
         check_image(image, label)
-        mask = _normalise_mask(mask, label)
+        mask = normalise_mask(mask, label)
         check_percent_range(start_percent, end_percent, label)
         if strength == 0:
             return io.NodeOutput(positive, negative)

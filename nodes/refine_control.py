@@ -32,7 +32,7 @@ CATEGORY = "conditioning/controlnet/balanced"
 INJECTIONS = {
     "add": (False, "layer"),
     "add_inj (per block)": (True, "layer"),
-    "add_inj (per token)": (True, "token"),
+    "add_inj (per token)": (True, "pixel"),
 }
 
 

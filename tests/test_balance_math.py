@@ -208,3 +208,21 @@ def test_add_com_mixed_shapes_raise():
         add_com([torch.zeros(1, 2, 3, 3), torch.zeros(1, 2, 4, 4)])
     with pytest.raises(ValueError, match="at least one"):
         add_com([])
+
+
+def test_granularity_has_one_canonical_name_and_reads_the_deprecated_one():
+    from model_patches.balance import canonical_granularity
+    from model_patches.injection.settings import BalanceSettings
+
+    assert canonical_granularity("layer") == "layer" and canonical_granularity("pixel") == "pixel"
+    with pytest.warns(DeprecationWarning, match="'token' is a deprecated spelling of 'pixel'"):
+        assert canonical_granularity("token", "X") == "pixel"
+    with pytest.warns(DeprecationWarning):
+        assert BalanceSettings(granularity="token").granularity == "pixel"
+    with pytest.raises(ValueError, match=r"granularity must be one of \('layer', 'pixel'\).*got 'row'"):
+        canonical_granularity("row")
+    # the canonical name gives exactly the deprecated one's numbers
+    f, c = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    with pytest.warns(DeprecationWarning):
+        g = canonical_granularity("token")
+    assert torch.equal(add_inj(f, c, 20.0, g), add_inj(f, c, 20.0, "pixel"))

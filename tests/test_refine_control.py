@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from model_patches import refine_control as rc
+from training.refine_control import losses, metrics
 from model_patches import refine_control_runtime as rt
 from model_patches.balance import add_inj
 from balanced_control.nodes.refine_control import RefineControlInpaintApply
@@ -73,16 +74,16 @@ def test_task_loss_hand_value():
     target = torch.tensor([[[[0.0, 0.0]]]])
     mask = torch.tensor([[[[1.0, 0.0]]]])       # inpaint the first element
     # w = (0.975, 0.025); errors (1, 4); mean = (0.975 + 0.1) / 2
-    assert rc.task_loss(pred, target, mask, 0.975).item() == pytest.approx(0.5375)
-    assert rc.task_loss(pred, target, mask, 0.5).item() == pytest.approx((0.5 + 2.0) / 2)
+    assert losses.task_loss(pred, target, mask, 0.975).item() == pytest.approx(0.5375)
+    assert losses.task_loss(pred, target, mask, 0.5).item() == pytest.approx((0.5 + 2.0) / 2)
     with pytest.raises(ValueError, match="alpha"):
-        rc.task_loss(pred, target, mask, 1.5)
+        losses.task_loss(pred, target, mask, 1.5)
 
 
 def test_distillation_loss_hand_value_and_stop_gradient():
     s = torch.tensor([1.0, 3.0], requires_grad=True)
     t = torch.tensor([0.0, 1.0], requires_grad=True)
-    loss = rc.distillation_loss(s, t)
+    loss = losses.distillation_loss(s, t)
     assert loss.item() == pytest.approx((1 + 4) / 2)
     loss.backward()
     assert t.grad is None and s.grad is not None
@@ -94,9 +95,9 @@ def test_feature_alignment_hand_value_with_odd_teacher():
     fs = [torch.tensor([[1.0]]), torch.tensor([[2.0]])]
     ft = [torch.tensor([[0.5]]), torch.tensor([[1.0]]), torch.tensor([[4.0]])]
     # term 1: (2*1 - (0.5 + 1))^2 = 0.25; term 2 (odd rule): (1*2 - 4)^2 = 4
-    assert rc.feature_alignment_loss(fs, ft, plan, normalise="none").item() == pytest.approx(4.25)
+    assert losses.feature_alignment_loss(fs, ft, plan, normalise="none").item() == pytest.approx(4.25)
     # normalised by the teacher's mean square: 0.25 / 1.5^2 + 4 / 4^2
-    assert rc.feature_alignment_loss(fs, ft, plan).item() == pytest.approx(0.25 / 2.25 + 0.25)
+    assert losses.feature_alignment_loss(fs, ft, plan).item() == pytest.approx(0.25 / 2.25 + 0.25)
 
 
 def test_feature_alignment_is_scale_invariant_and_per_row():
@@ -104,12 +105,12 @@ def test_feature_alignment_is_scale_invariant_and_per_row():
     g = torch.Generator().manual_seed(0)
     fs = [torch.randn(2, 6, 8, generator=g) for _ in range(2)]
     ft = [torch.randn(2, 6, 8, generator=g) * s for s in (1.0, 30.0, 0.5)]
-    ref = rc.feature_alignment_loss(fs, ft, plan)
+    ref = losses.feature_alignment_loss(fs, ft, plan)
     for c in (1e-2, 7.0, 1e3):
-        torch.testing.assert_close(rc.feature_alignment_loss([f * c for f in fs], [f * c for f in ft], plan), ref,
+        torch.testing.assert_close(losses.feature_alignment_loss([f * c for f in fs], [f * c for f in ft], plan), ref,
                                    rtol=1e-5, atol=0)
-    unnormalised = rc.feature_alignment_loss(fs, ft, plan, normalise="none")
-    assert rc.feature_alignment_loss([f * 10 for f in fs], [f * 10 for f in ft], plan, normalise="none").item() \
+    unnormalised = losses.feature_alignment_loss(fs, ft, plan, normalise="none")
+    assert losses.feature_alignment_loss([f * 10 for f in fs], [f * 10 for f in ft], plan, normalise="none").item() \
         == pytest.approx(100 * unnormalised.item(), rel=1e-5)
     # exact per-row value, in float64
     expected = 0.0
@@ -119,7 +120,7 @@ def test_feature_alignment_is_scale_invariant_and_per_row():
         expected += float(torch.stack([d[b].square().mean() / t[b].square().mean() for b in range(2)]).mean())
     assert ref.item() == pytest.approx(expected, rel=1e-5)
     # a student that injects nothing scores exactly 1 per term
-    zero = rc.feature_alignment_loss([torch.zeros_like(f) for f in fs], ft, plan)
+    zero = losses.feature_alignment_loss([torch.zeros_like(f) for f in fs], ft, plan)
     assert zero.item() == pytest.approx(len(plan))
 
 
@@ -154,10 +155,10 @@ def test_masked_metrics():
     pred[:, :4] = 0.1                      # error only in the top half
     mask = torch.zeros(1, 8, 8)
     mask[:, :4] = 1
-    assert rc.masked_psnr(pred, ref, mask).item() == pytest.approx(20.0, abs=1e-4)
-    assert rc.masked_psnr(pred, ref, 1 - mask).item() == pytest.approx(100.0)   # exact outside: clamp at 1e-10
-    assert torch.isnan(rc.masked_psnr(pred, ref, torch.zeros(1, 8, 8))).all()
-    assert rc.masked_ssim(ref, ref, mask).item() == pytest.approx(1.0)
+    assert metrics.masked_psnr(pred, ref, mask).item() == pytest.approx(20.0, abs=1e-4)
+    assert metrics.masked_psnr(pred, ref, 1 - mask).item() == pytest.approx(100.0)   # exact outside: clamp at 1e-10
+    assert torch.isnan(metrics.masked_psnr(pred, ref, torch.zeros(1, 8, 8))).all()
+    assert metrics.masked_ssim(ref, ref, mask).item() == pytest.approx(1.0)
 
 
 # --------------------------------------------------------------------------
@@ -196,8 +197,12 @@ def test_balanced_controls_of_one_call_must_share_their_settings():
     opts = {}
     first = rt.BlockInjection.for_call(opts, "layer", 20.0, "A")
     assert rt.BlockInjection.for_call(opts, "layer", 20.0, "B") is first
-    with pytest.raises(ValueError, match=r"B: balanced injection with granularity 'token' and max_lambda 20.*"
+    with pytest.raises(ValueError, match=r"B: balanced injection with granularity 'pixel' and max_lambda 20.*"
                                          r"A on the same model call uses granularity 'layer'"):
+        rt.BlockInjection.for_call(opts, "pixel", 20.0, "B")
+    # the deprecated spelling "token" is read as "pixel" (with a warning), so it meets the same refusal
+    with pytest.warns(DeprecationWarning, match="'token' is a deprecated spelling of 'pixel'"), \
+            pytest.raises(ValueError, match=r"granularity 'pixel' and max_lambda 20"):
         rt.BlockInjection.for_call(opts, "token", 20.0, "B")
     with pytest.raises(ValueError, match=r"max_lambda 5, but A"):
         rt.BlockInjection.for_call(opts, "layer", 5.0, "B")

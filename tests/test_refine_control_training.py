@@ -17,6 +17,7 @@ from PIL import Image
 
 from model_patches import refine_control as rc
 from model_patches import refine_control_runtime as rt
+from training.refine_control import metrics
 from headless.runtime import REPO
 
 
@@ -160,7 +161,7 @@ def test_eval_reports_masked_scores_and_the_controlnet_time_ratio(evaluated):
     image, mask = (torch.from_numpy(np.asarray(Image.open(evaluated["data_root"] / f).convert(m), np.float32) / 255)
                    for f, m in (("img/0.png", "RGB"), ("mask/0.png", "L")))
     saved = torch.from_numpy(np.asarray(Image.open(evaluated["images"] / "00000_student.png"), np.float32) / 255)
-    assert float(rc.masked_psnr(saved[None], image[None], mask[None])[0]) == pytest.approx(
+    assert float(metrics.masked_psnr(saved[None], image[None], mask[None])[0]) == pytest.approx(
         report["student_psnr"], abs=0.05)
 
 

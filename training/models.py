@@ -19,10 +19,13 @@ from typing import Any
 
 import torch
 
+from model_patches.families import BY_NAME
+
 log = logging.getLogger(__name__)
 
-# ComfyUI model-config class name -> family name used in messages and options.
-SUPPORTED_FAMILIES = {"SD15": "SD1.5", "SDXL": "SDXL"}
+# ComfyUI model-config class name -> family name used in messages and options (the family
+# table, model_patches/families.py; exactly these classes, not their subclasses such as SSD-1B).
+SUPPORTED_FAMILIES = {cls: fam.name for fam in (BY_NAME["SD1.5"], BY_NAME["SDXL"]) for cls in fam.config_classes}
 
 
 class WrongFamilyError(ValueError):

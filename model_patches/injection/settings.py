@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from ..balance import GRANULARITIES, LAMBDA_CONVENTIONS
+from ..balance import LAMBDA_CONVENTIONS, canonical_granularity
 
 MODES = ("micontrolnet", "controlnet_star", "vanilla")
 MODE_DESCRIPTIONS = {
@@ -58,8 +58,7 @@ class BalanceSettings:
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.granularity not in GRANULARITIES:
-            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        object.__setattr__(self, "granularity", canonical_granularity(self.granularity, "BalanceSettings"))
         if not self.max_lambda >= 0:
             raise ValueError(f"max_lambda must be >= 0, got {self.max_lambda}")
         if self.strength_scaling not in STRENGTH_SCALINGS:

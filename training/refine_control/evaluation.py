@@ -8,6 +8,7 @@ import statistics
 import time
 from pathlib import Path
 
+from . import metrics
 from .data import load_pair, scan_inpaint_data
 from .models import load_sd3_base
 from .text import TextCache
@@ -55,7 +56,6 @@ def run_eval(args) -> int:
 def evaluate_record(i: int, rec, args, patcher, vae, text, nets: dict, scores: dict, images_dir) -> int:
     """Inpaint one record with each ControlNet; 1 when its mask is empty (not scored), else 0."""
     import comfy.sample
-    from model_patches import refine_control as rc
     from ..runtime import nodes
 
     RefineControlInpaintApply = nodes().refine_control.RefineControlInpaintApply
@@ -86,8 +86,8 @@ def evaluate_record(i: int, rec, args, patcher, vae, text, nets: dict, scores: d
         decoded = vae.decode(samples)[..., :3].float().cpu()
         if images_dir is not None:
             save_png(decoded[0], images_dir / f"{i:05d}_{name}.png")
-        scores[name]["psnr"].append(float(rc.masked_psnr(decoded, image, mask)[0]))
-        scores[name]["ssim"].append(float(rc.masked_ssim(decoded, image, mask)[0]))
+        scores[name]["psnr"].append(float(metrics.masked_psnr(decoded, image, mask)[0]))
+        scores[name]["ssim"].append(float(metrics.masked_ssim(decoded, image, mask)[0]))
     return 0
 
 

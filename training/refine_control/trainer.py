@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from ..loop import TrainingLoop
+from . import losses as refine_losses
 from .data import load_pair, scan_inpaint_data
 from .models import build_student, load_sd3_base, load_sd3_controlnet, save_diffusers_folder, save_student
 from .text import TextCache, stack_text
@@ -183,11 +184,11 @@ class RefineControlTrainer(TrainingLoop):
             v_s = dm(x_t, t, context=ctx, y=pooled, control={"output": rc.residuals_for_blocks(r_s, self.s_map)})
         # L_af on what is injected (residuals after the output projections) unless --af-features hidden
         a_s, a_t = (r_s, r_t) if args.af_features == "residuals" else (f_s, f_t)
-        losses = {"kd_loss": rc.distillation_loss(v_s, v_t),
-                  "af_loss": rc.feature_alignment_loss(a_s, a_t, self.plan, args.af_normalise)}
+        losses = {"kd_loss": refine_losses.distillation_loss(v_s, v_t),
+                  "af_loss": refine_losses.feature_alignment_loss(a_s, a_t, self.plan, args.af_normalise)}
         total = args.w_kd * losses["kd_loss"] + args.w_af * losses["af_loss"]
         if stage == 1:
-            losses["task_loss"] = rc.task_loss(v_s, target, m_lat, args.alpha)
+            losses["task_loss"] = refine_losses.task_loss(v_s, target, m_lat, args.alpha)
             total = total + args.w_task * losses["task_loss"]
         losses["loss"] = total
         return losses
