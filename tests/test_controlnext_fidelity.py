@@ -16,7 +16,7 @@ import comfy.sd
 from model_patches import controlnext as cx
 
 from controlnext_reference import synthetic_state_dict
-from test_controlnext import (  # noqa: F401 (fixtures)
+from controlnext_common import (  # noqa: F401 (fixtures)
     CPU,
     patched_with_recorder,
     run_model,

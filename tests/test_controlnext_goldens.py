@@ -23,7 +23,7 @@ import torch
 from model_patches import controlnext as cx
 
 from controlnext_reference import synthetic_state_dict
-from test_controlnext import model_for, sd15_model, sdxl_model, sdxl_wide_model, svd_model  # noqa: F401
+from controlnext_common import model_for, sd15_model, sdxl_model, sdxl_wide_model, svd_model  # noqa: F401
 
 GOLDENS = Path(__file__).parent / "goldens" / "controlnext"
 # Must match make_goldens.py.

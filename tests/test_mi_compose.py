@@ -161,7 +161,7 @@ def test_controlnext_injection_runs_before_freeu():
     """ControlNeXt's middle injection shares the output-block-0 place: it runs first too,
     whichever order FreeU and ControlNeXt were applied in."""
     from model_patches import controlnext as cx
-    from test_controlnext import SD15_CNX_UNET, _patcher, run_model, weights_for
+    from controlnext_common import SD15_CNX_UNET, _patcher, run_model, weights_for
     from headless import synthetic as syn
 
     model = _patcher(syn.build_unet_model(SD15_CNX_UNET, seed=5))

@@ -1,27 +1,21 @@
 """Training, in process: the conservativity estimator, the add^inj training
 forward against the sampling forward, the stages on a fixed batch, data and
-checkpoint handling. Tiny models built with ComfyUI's own classes."""
+checkpoint handling (test_training_data.py), forward-mode attention
+(test_training_attention.py). Tiny models built with ComfyUI's own classes."""
 
 import contextlib
 import copy
-import errno
-import json
-import resource
-import signal
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
-from PIL import Image
 
 import comfy.controlnet
 
 from balanced_control.nodes.micontrolnet import MIControlNetApply
 from conftest import give_nonzero_outputs
 from headless import synthetic as s
-from training import data, engine, models, objectives as O
+from training import engine, models, objectives as O
 
 CPU = torch.device("cpu")
 
@@ -218,97 +212,6 @@ def test_constant_weight_tangents_give_torchs_products_without_the_zero_convolut
     assert convolutions(fast=True) < convolutions(fast=False)
 
 
-def _reference_attention(q, k, v, heads, mask=None):
-    """softmax(q kᵀ/√d) v in float64, differentiated by torch's own forward-mode rules
-    (softmax as exp / sum: torch's softmax jvp cannot be differentiated again)."""
-    b, n, inner = q.shape
-    d = inner // heads
-    q, k, v = (t.double().view(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))
-    scores = q @ k.transpose(-1, -2) / d ** 0.5
-    if mask is not None:
-        mask = mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape)) if mask.ndim == 2 else mask
-        mask = mask.unsqueeze(1) if mask.ndim == 3 else mask
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.double()
-    e = (scores - scores.amax(-1, keepdim=True).detach()).exp()
-    return ((e / e.sum(-1, keepdim=True)) @ v).transpose(1, 2).reshape(b, -1, inner)
-
-
-def _attention_mask(kind: str, b: int, n: int, m: int, g: torch.Generator):
-    """The mask shapes and kinds ComfyUI's attention accepts; key 0 always visible."""
-    if kind == "none":
-        return None
-    shape = {"bool 2d": (n, m), "bool 3d": (b, n, m), "bool 4d": (b, 1, n, m), "additive": (b, 1, n, m)}[kind]
-    keep = (torch.rand(shape, generator=g) > 0.3) | (torch.arange(m) == 0)
-    if kind == "additive":
-        return torch.where(keep, torch.randn(shape, generator=g), torch.tensor(float("-inf")))
-    return keep
-
-
-def _dual_attention(attention, primals, tangent, heads, mask, cast=lambda t: t, **kwargs):
-    with fwAD.dual_level():
-        args = [fwAD.make_dual(cast(primals[x]), cast(tangent[x])) if x in tangent else cast(primals[x])
-                for x in "qkv"]
-        return fwAD.unpack_dual(attention(*args, heads, mask=mask, **kwargs))
-
-
-@pytest.mark.parametrize("tangents", ["qkv", "q", "kv"])
-@pytest.mark.parametrize("mask_kind", ["none", "bool 2d", "bool 3d", "bool 4d", "additive"])
-def test_forward_mode_attention_matches_torchs_rules_and_differentiates_through_the_tangent(tangents, mask_kind):
-    """Self-attention (all of q, k, v carry the probe), cross-attention (q only) and
-    key/value tangents, with every mask form; primal, tangent and the reverse-mode
-    gradient of a loss on both against float64 forward-mode AD of a plain softmax attention."""
-    g = torch.Generator().manual_seed(3)
-    b, n, m, heads, d = 2, 5, 7, 2, 4
-    primals = {name: torch.randn(b, n if name == "q" else m, heads * d, generator=g, requires_grad=True)
-               for name in "qkv"}
-    tangent = {name: torch.randn(b, n if name == "q" else m, heads * d, generator=g) for name in tangents}
-    mask = _attention_mask(mask_kind, b, n, m, g)
-
-    def run(attention, cast):
-        out, d_out = _dual_attention(attention, primals, tangent, heads, mask, cast)
-        loss = out.sum() + (d_out * torch.linspace(-1, 1, d_out.shape[-1], dtype=d_out.dtype)).square().sum()
-        return out, d_out, torch.autograd.grad(loss, [primals[x] for x in "qkv"])
-
-    ours = run(O.forward_mode_attention, lambda t: t)
-    ref = run(_reference_attention, lambda t: t.double())
-    assert torch.allclose(ours[0].double(), ref[0], atol=1e-5)
-    assert torch.allclose(ours[1].double(), ref[1], atol=1e-5)
-    for a, r in zip(ours[2], ref[2]):
-        assert torch.allclose(a, r, atol=1e-4), (a - r).abs().max()
-
-
-def test_forward_mode_attention_head_layouts_dtypes_and_fully_masked_queries():
-    g = torch.Generator().manual_seed(5)
-    b, n, heads, d = 2, 6, 2, 4
-    primals = {x: torch.randn(b, n, heads * d, generator=g) for x in "qkv"}
-    tangent = {x: torch.randn(b, n, heads * d, generator=g) for x in "qkv"}
-    out, d_out = _dual_attention(O.forward_mode_attention, primals, tangent, heads, None)
-
-    # skip_reshape / skip_output_reshape: (b, heads, n, d) in and out, as ComfyUI passes them
-    def split(t):
-        return t.view(b, n, heads, d).transpose(1, 2)
-
-    split_primals = {x: split(t) for x, t in primals.items()}
-    split_tangent = {x: split(t) for x, t in tangent.items()}
-    out4, d_out4 = _dual_attention(O.forward_mode_attention, split_primals, split_tangent, heads, None,
-                                   skip_reshape=True, skip_output_reshape=True)
-    assert out4.shape == (b, heads, n, d)
-    assert torch.allclose(out4, split(out), atol=1e-6) and torch.allclose(d_out4, split(d_out), atol=1e-6)
-
-    # Low-precision inputs: fp32 inside, the input dtype outside.
-    half_out, half_d_out = _dual_attention(O.forward_mode_attention, primals, tangent, heads, None,
-                                           cast=lambda t: t.to(torch.bfloat16))
-    assert half_out.dtype == half_d_out.dtype == torch.bfloat16
-    assert torch.allclose(half_d_out.float(), d_out, atol=0.1, rtol=0.05)
-
-    # A query whose keys are all masked gets 0 (as SDPA gives) and a zero tangent, never NaN.
-    mask = torch.ones(b, 1, n, n, dtype=torch.bool)
-    mask[:, :, 2] = False
-    out, d_out = _dual_attention(O.forward_mode_attention, primals, tangent, heads, mask)
-    assert torch.isfinite(out).all() and torch.isfinite(d_out).all()
-    assert d_out[:, 2].abs().max() == 0
-
-
 def test_add_inj_gives_a_zero_output_controlnet_no_gradient_hence_the_plain_add_warm_up(tiny):
     model, batch = tiny["model"], make_batch(b=2, seed=6, probes=False)
     grads = {}
@@ -383,168 +286,14 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny):
 
 # --- data -------------------------------------------------------------------------------------
 
-def write_dataset(root: Path, n=3, with_segmentation=True):
-    import skimage.data
-
-    (root / "images").mkdir(parents=True)
-    (root / "segmentation").mkdir()
-    for i, name in enumerate(["astronaut", "chelsea", "coffee", "rocket"][:n]):
-        img = getattr(skimage.data, name)()
-        Image.fromarray(img).save(root / "images" / f"{name}.png")
-        (root / "images" / f"{name}.txt").write_text(f"a photo, {name}")
-        if with_segmentation:
-            seg = np.zeros(img.shape[:2], np.uint8)
-            seg[:, img.shape[1] // 2:] = 1
-            seg[: img.shape[0] // 2] += 2
-            Image.fromarray(seg * 60).save(root / "segmentation" / f"{name}.png")
-    return root
-
-
-def test_corrupt_and_missing_files_are_reported_by_name_and_skipped(tmp_path, caplog):
-    root = write_dataset(tmp_path / "ds")
-    (root / "images" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 10)
-    (root / "images" / "broken.txt").write_text("broken")
-    jsonl = tmp_path / "ds.jsonl"
-    jsonl.write_text("\n".join(json.dumps(r) for r in [
-        {"image": "ds/images/astronaut.png", "prompt": "ok"},
-        {"image": "ds/images/missing.png", "prompt": "gone"},
-        {"image": "ds/images/broken.png"},
-    ]))
-    with caplog.at_level("WARNING"):
-        folder = data.scan_dataset(root, need_condition=False)
-        lines = data.scan_dataset(jsonl, need_condition=False)
-    assert [r.name for r in folder.records] == ["astronaut", "chelsea", "coffee"]
-    assert len(folder.skipped) == 1 and folder.skipped[0][0].endswith("broken.png")
-    assert [r.prompt for r in lines.records] == ["ok"] and len(lines.skipped) == 2
-    assert "missing.png" in caplog.text and "broken.png" in caplog.text and "skipped 2 of 3" in caplog.text
-    # A condition image is required unless conditions are computed (canny).
-    with pytest.raises(ValueError, match="no usable samples"):
-        data.scan_dataset(root, need_condition=True)
-
-    # A file that breaks after the scan is skipped at load time, by name, and the run goes on.
-    samples = data.TrainingSamples(folder.records, data.SampleOptions(resolution=64, condition="canny"), seed=0)
-    (root / "images" / "chelsea.png").write_bytes((root / "images" / "chelsea.png").read_bytes()[:200])
-    with caplog.at_level("WARNING"):
-        item = samples[(5, 1)]
-    assert item["index"] == 2 and samples.bad == {1}
-    assert "chelsea.png" in caplog.text
-
-
-def test_samples_are_reproducible_and_rebalanced(tmp_path):
-    root = write_dataset(tmp_path / "ds")
-    recs = data.scan_dataset(root, need_condition=False).records
-    opts = data.SampleOptions(resolution=64, condition="canny", rebalance_prob=1.0, probes=True)
-    a = data.TrainingSamples(recs, opts, seed=3)
-    b = data.TrainingSamples(recs, opts, seed=3)
-    x, y = a[(7, 0)], b[(7, 0)]
-    for k in ("hint", "noise", "probe", "mask", "timestep_index"):
-        assert torch.equal(x[k], y[k]), k
-    assert not torch.equal(a[(8, 0)]["noise"], x["noise"])
-    # Some regions are silent and some keep the condition; the target stays whole.
-    m = x["mask"]
-    assert 0 < m.mean() < 1 and set(m.unique().tolist()) <= {0.0, 1.0}
-    assert (x["hint"][:, m == 0] == 0).all()
-    full = data.canny(data.load_rgb(recs[0].image, 64))
-    assert torch.equal(x["hint"], torch.from_numpy(full).permute(2, 0, 1).float() / 255 * m)
-    assert x["probe"].abs().eq(1).all()
-    # Without segmentation maps the fallback superpixels give several regions.
-    labels = data.superpixels(data.load_rgb(recs[0].image, 64), 12)
-    assert len(np.unique(labels)) >= 4
-
-
-def test_data_order_is_the_same_for_one_and_two_ranks():
-    one = list(data.PositionSampler(10, 0, 0, 5, micro_batch=2, accumulation=1, world=1, rank=0))
-    two = [list(data.PositionSampler(10, 0, 0, 5, micro_batch=1, accumulation=1, world=2, rank=r)) for r in (0, 1)]
-    assert [sum(pair, []) for pair in zip(*two)] == one
-    resumed = list(data.PositionSampler(10, 0, 3, 5, micro_batch=2, accumulation=1, world=1, rank=0))
-    assert resumed == one[3:]
-
 
 # --- checkpoints ---------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def file_size_limit(max_bytes: int):
-    """Writes past ``max_bytes`` fail with a real I/O error (EFBIG), as on a
-    full disk: the kernel's per-process file-size limit, SIGXFSZ ignored."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-        signal.signal(signal.SIGXFSZ, previous)
-
-
-def test_a_failed_checkpoint_write_leaves_the_previous_one_intact(tmp_path):
-    store = engine.CheckpointStore(tmp_path / "checkpoints", keep=2)
-    tmp = store.begin(2)
-    engine.save_tensors({"w": torch.ones(3)}, tmp / "controlnet.safetensors")
-    engine.write_json(tmp / "state.json", {"step": 2})
-    good = store.commit(2)
-
-    tmp = store.begin(4)
-    # The real safetensors writer fails part way; it must surface as OSError,
-    # the one error the trainer handles by logging and going on.
-    with file_size_limit(64 * 1024), pytest.raises(OSError) as failure:
-        engine.save_tensors({"w": torch.zeros(1 << 20)}, tmp / "controlnet.safetensors")
-    assert failure.value.errno == errno.EFBIG and "controlnet.safetensors" in str(failure.value)
-    store.abort(4)
-    assert store.latest() == good and store.resolve("latest") == good
-    assert torch.equal(engine.load_tensors(good / "controlnet.safetensors")["w"], torch.ones(3))
-    assert not list(store.root.glob(".tmp-*"))
-
-    # A process killed mid-write leaves a .tmp folder: ignored, then cleaned by the next save.
-    (store.root / ".tmp-step-00000006").mkdir()
-    (store.root / ".tmp-step-00000006" / "state.json").write_text("{}")
-    assert store.latest() == good
-    store.begin(8)
-    assert not (store.root / ".tmp-step-00000006").exists()
 
 
 # --- base checkpoint checks -----------------------------------------------------------------------
 
-def test_wrong_family_base_checkpoint_fails_at_start(tmp_path, small_sd15_files):
-    sd2_like = dict(s.SD15_UNET_SMALL, context_dim=1024, use_linear_in_transformer=True, num_res_blocks=[1],
-                    channel_mult=[1], transformer_depth=[1], transformer_depth_output=[1, 1])
-    path = s.save(s.unet_state_dict(sd2_like), tmp_path / "sd2-like.safetensors")
-    with pytest.raises(models.WrongFamilyError, match=r"SD20 checkpoint, but training supports SD1.5 and SDXL"):
-        models.load_base_model(path)
-    with pytest.raises(models.WrongFamilyError, match=r"expected a sdxl checkpoint .* found SD1.5"):
-        models.load_base_model(small_sd15_files["checkpoint"], "sdxl")
-    cn = small_sd15_files["controlnets"][0]
-    with pytest.raises(models.WrongFamilyError, match="no diffusion-model weights"):
-        models.load_base_model(cn)
-
 
 # --- eval ------------------------------------------------------------------------------------------
-
-def test_eval_metrics_measure_what_they_claim(tmp_path, tiny):
-    from training import evaluate
-
-    flat = np.full((32, 32, 3), 0.5)
-    noisy = flat + np.random.default_rng(0).uniform(-0.2, 0.2, flat.shape)
-    silent = np.zeros((32, 32), bool)
-    silent[:, :16] = True
-    assert evaluate.total_variation(flat, silent) == (0.0, 0.0)
-    tv_sum, tv_mean = evaluate.total_variation(noisy, silent)
-    assert tv_mean > 0.05 and tv_sum == pytest.approx(tv_mean * (32 * 15 + 31 * 16))  # a sum over the pairs
-    # Canny of an image that is its own edge map: cycle consistency is ~perfect.
-    cond = np.zeros((64, 64, 3))
-    cond[20:44, 20:44] = 1.0
-    edges = data.canny((cond * 255).astype(np.uint8))[..., :] / 255.0
-    region = np.ones((64, 64), bool)
-    assert evaluate.canny_l1(cond, edges, region) < evaluate.canny_l1(flat.repeat(2, 0).repeat(2, 1), edges, region)
-
-    # Asym: zero for a ControlNet with zero outputs, positive for a trained one.
-    model = tiny["model"]
-    batch = make_batch(b=1, seed=11)
-    for name, positive in (("fresh", False), ("trained", True)):
-        levels = evaluate.asym_metric(model, tiny[name], batch.hint, batch.context, batch=2, levels=2)
-        assert len(levels) == 2
-        assert all((lv["asym"] > 0) if positive else (lv["asym"] == 0) for lv in levels), levels
-    evaluate.bar_chart({"asym": 1.0, "tv_silent": 0.5}, tmp_path / "c.png")
-    assert Image.open(tmp_path / "c.png").size[0] > 100
 
 
 def test_training_attention_goes_through_comfyui_hook_and_leaves_its_module_alone(tiny, monkeypatch):
@@ -606,21 +355,3 @@ def test_training_qc_loss_has_the_estimator_value_and_an_unbiased_gradient():
 
 # --- command line ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("subcommand", ["micontrolnet", "controlnext", "eval", "refine-control",
-                                        "refine-control-eval"])
-def test_help_explains_every_option(subcommand):
-    import argparse
-    import subprocess
-    import sys
-
-    from headless.runtime import REPO
-    from training.__main__ import SUBCOMMANDS
-
-    out = subprocess.run([sys.executable, "-m", "training", subcommand, "--help"], cwd=REPO, capture_output=True,
-                         text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    parser = argparse.ArgumentParser()
-    SUBCOMMANDS[subcommand][1](parser)
-    for action in parser._actions:
-        assert action.help, f"{subcommand}: --{action.dest} has no help"
-        assert action.option_strings[0] in out.stdout

@@ -26,7 +26,7 @@ from training import controlnext_trainer as T
 from training import engine, objectives as O
 
 from test_controlnext_server import api_prompt, saved_image
-from test_training import write_dataset
+from test_training_data import write_dataset
 from training_subprocess import kill_at_first_checkpoint, remove_checkpoints, run_training, training_command
 
 CPU = torch.device("cpu")

@@ -148,7 +148,7 @@ def test_speck_regions_of_an_anti_aliased_map_merge_into_their_neighbours():
 
 
 def test_silenced_regions_take_the_silent_value(tmp_path):
-    from test_training import write_dataset
+    from test_training_data import write_dataset
 
     root = write_dataset(tmp_path / "d", n=1)
     records = data.scan_dataset(root, need_condition=False).records

@@ -19,7 +19,7 @@ from headless.runtime import REPO
 from headless.server import ComfyServer, copy_model
 from training import engine
 
-from test_training import write_dataset
+from test_training_data import write_dataset
 from training_subprocess import kill_at_first_checkpoint, remove_checkpoints, run_training, training_command
 
 STEPS = 6
