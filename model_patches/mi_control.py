@@ -57,6 +57,8 @@ from .injection.settings import (  # noqa: F401  (re-exported for the nodes and 
     BalanceSettings,
     settings_dict,
 )
+from .injection.dit_sites import (
+    check_dit_control_fits, control_family, core_merge, describe_module, dit_injection_for_call, token_grid)
 from .injection.unet_sites import INJECTION_KEY, WRAPPER_KEY, UNetInjection
 
 log = logging.getLogger(__name__)
@@ -181,10 +183,18 @@ class MinimalImpactControl(WrappedControl):
         self.mask = mask
         self.last_balance_record: BalanceRecord | None = None
         self._mask_cache: dict[tuple, torch.Tensor] = {}
+        self._model_text: str | None = None
         self.run_stats = _RunStats()
+
+    @property
+    def dit_family(self) -> str | None:
+        """"sd3", "flux", "qwen" or "hunyuan" for a DiT ControlNet, None for a UNet control."""
+        return control_family(getattr(self.inner, "control_model", None))
 
     @classmethod
     def create(cls, control_net, hint, strength, percent_range, vae=None, mask=None, label="MIControlNet"):
+        if control_family(getattr(control_net, "control_model", None)) == "hunyuan":
+            check_dit_control_fits("hunyuan", None, control_net.control_model, label)  # raises: cannot be balanced
         inner = control_net.copy()
         inner.set_previous_controlnet(None)
         inner.set_cond_hint(hint, strength, percent_range, vae=vae)
@@ -200,6 +210,10 @@ class MinimalImpactControl(WrappedControl):
             stats.active_calls += 1
             if 0 in transformer_options.get("cond_or_uncond", [0]):
                 stats.positive_active_calls += 1
+            family = self.dit_family
+            if family is not None:
+                return self._dit_control(own, control_prev, family, tuple(x_noisy.shape), batched_number,
+                                         transformer_options)
             if self.mask is not None:
                 own = {k: [self._apply_mask(r, batched_number) if r is not None else None for r in v]
                        for k, v in own.items()}
@@ -209,6 +223,37 @@ class MinimalImpactControl(WrappedControl):
             transformer_options[INACTIVE_KEY] = list(transformer_options.get(INACTIVE_KEY, [])) + [(self.label, self)]
         # Core controls of the chain keep their plain sum.
         return control_prev
+
+    def _dit_control(self, own, control_prev, family, latent_shape, batched_number, transformer_options):
+        """A DiT ControlNet's slots: core's merge in ``vanilla`` mode (bit for
+        bit core's chain), else handed to the call's DiT injection (the
+        previous core controls' sum goes back to core, which adds it after
+        our block patch)."""
+        if self.mask is not None:
+            masked = {}  # slots share tensors: mask each once
+            own = {k: [None if r is None else masked.setdefault(id(r), self._apply_token_mask(
+                r, latent_shape, batched_number)) for r in v] for k, v in own.items()}
+        settings = BalanceSettings.from_transformer_options(transformer_options)
+        if settings.mode == "vanilla":
+            return core_merge(own, control_prev)
+        dit_injection_for_call(transformer_options, family, latent_shape, settings, self._model_text).add(
+            self.label, own, self)
+        return control_prev
+
+    def _apply_token_mask(self, r: torch.Tensor, latent_shape, batched_number: int) -> torch.Tensor:
+        """``r`` (B, N, D) image tokens times the mask resized to the latent's patch grid."""
+        grid = token_grid(latent_shape, r.shape[1])
+        key = ("tokens", r.shape[0], grid, r.device, r.dtype, batched_number)
+        m = self._mask_cache.get(key)
+        if m is None:
+            mask = self.mask if self.mask.ndim == 3 else self.mask.unsqueeze(0)
+            mask = mask.unsqueeze(1).to(device=r.device, dtype=torch.float32)
+            mask = comfy.utils.common_upscale(mask, grid[1], grid[0], "bilinear", "center")
+            if mask.shape[0] != r.shape[0]:
+                mask = comfy.controlnet.broadcast_image_to(mask, r.shape[0], batched_number)
+            m = mask.flatten(2).transpose(1, 2).to(r.dtype)  # (B, N, 1)
+            self._mask_cache[key] = m
+        return r * m
 
     def _apply_mask(self, r: torch.Tensor, batched_number: int) -> torch.Tensor:
         key = (r.shape[0], r.shape[-2], r.shape[-1], r.device, r.dtype, batched_number)
@@ -221,7 +266,13 @@ class MinimalImpactControl(WrappedControl):
         self.last_balance_record = None
         self.run_stats = _RunStats()
         super().pre_run(model, percent_to_timestep_function)
-        check_control_fits_model(self.inner, model, self.label)
+        family = self.dit_family
+        if family is not None:
+            unet = getattr(model, "diffusion_model", None)
+            check_dit_control_fits(family, unet, self.inner.control_model, self.label)
+            self._model_text = describe_module(unet)
+        else:
+            check_control_fits_model(self.inner, model, self.label)
 
     def inference_memory_requirements(self, dtype):
         # The chunked fp32 reductions of add^com / add^inj and the balance record (balance.py).

@@ -19,10 +19,12 @@ extension points only:
    never changed, so other controls and the base model see the global text
    and ComfyUI keeps cond and uncond in one batch.
 3. Balanced injection: the residuals go to this model call's
-   ``BlockInjection`` (in the call's fresh ``transformer_options``), which
-   registers, on that dict only, a ``patches_replace["dit"][("double_block", i)]``
-   patch per block that runs the block (or the patch registered before it)
-   and then applies add^inj to the block's image tokens.
+   ``BlockInjection`` (in the call's fresh ``transformer_options``), the
+   engine's SD3 site (``injection.dit_sites``), which registers, on that
+   dict only, a ``patches_replace["dit"][("double_block", i)]`` patch per
+   block that runs the block (or the patch registered before it) and then
+   applies add^inj to the block's image tokens; it checks finiteness once
+   per forward and records the balance.
 
 Nothing is stored on the model or in ComfyUI's modules, so a graph without
 these controls runs exactly as before, and nothing survives a model call.
@@ -40,7 +42,10 @@ import comfy.controlnet
 import comfy.latent_formats
 import comfy.utils
 
-from .balance import GRANULARITIES, add_inj, canonical_granularity
+from .balance import GRANULARITIES, canonical_granularity
+from .injection.dit_sites import DiTInjection
+from .injection.settings import BalanceSettings
+from .injection.unet_sites import INJECTION_KEY as DIT_INJECTION_KEY
 from .mi_control import WrappedControl
 from .refine_control import block_map, convention, residuals_for_blocks
 
@@ -173,26 +178,36 @@ def context_with_local_prompt(context: torch.Tensor, local: torch.Tensor, cond_o
     return torch.cat(parts)
 
 
-class BlockInjection:
-    """Per model call: the residuals of every balanced RefineControl, injected
-    with add^inj after each base block."""
+class BlockInjection(DiTInjection):
+    """Per model call: the residuals of every balanced RefineControl, summed
+    per block and injected with add^inj into the block's image tokens. The
+    engine's SD3 site (``injection.dit_sites``) with the fixed rule
+    ``("sum", "add_inj")``: it checks finiteness once per forward and keeps a
+    balance record like MIControlNet."""
 
-    def __init__(self, granularity: str, max_lambda: float, label: str = "RefineControl"):
-        self.granularity = canonical_granularity(granularity, label)
+    name = "RefineControl"
+
+    def __init__(self, granularity: str, max_lambda: float, label: str = "RefineControl",
+                 transformer_options: dict | None = None, latent_shape=None):
+        granularity = canonical_granularity(granularity, label)
+        settings = BalanceSettings(granularity=granularity, max_lambda=max_lambda)
+        super().__init__(settings, transformer_options if transformer_options is not None else {}, "sd3",
+                         rules=("sum", "add_inj"), latent_shape=latent_shape)
+        self.granularity = granularity
         self.max_lambda = max_lambda
         self.label = label  # the control whose settings these are, for messages
-        self.per_block: dict[int, list[torch.Tensor]] = {}
 
     @classmethod
     def for_call(cls, transformer_options: dict, granularity: str, max_lambda: float,
-                 label: str = "RefineControl") -> "BlockInjection":
+                 label: str = "RefineControl", latent_shape=None) -> "BlockInjection":
         """The call's injection; the first balanced control creates it, later
         ones must ask for the same settings (their residuals are summed per
         block before the one add^inj)."""
         granularity = canonical_granularity(granularity, label)
         inj = transformer_options.get(INJECTION_KEY)
         if inj is None:
-            inj = cls(granularity, max_lambda, label)
+            inj = cls(granularity, max_lambda, label, transformer_options, latent_shape)
+            inj.register(transformer_options)
             transformer_options[INJECTION_KEY] = inj
         elif (inj.granularity, inj.max_lambda) != (granularity, max_lambda):
             raise ValueError(
@@ -202,38 +217,21 @@ class BlockInjection:
                 f"balanced RefineControl of a model the same injection and max_lambda.")
         return inj
 
-    def add(self, block_residuals: list, transformer_options: dict) -> None:
-        # Replace (never mutate) the nested containers: they may be shared with
-        # model_options, and this registration must end with the call.
-        replace = dict(transformer_options.get("patches_replace", {}))
-        dit = dict(replace.get("dit", {}))
-        for i, r in enumerate(block_residuals):
-            if r is None:
-                continue
-            if i not in self.per_block:
-                self.per_block[i] = []
-                dit[("double_block", i)] = self._patch(i, dit.get(("double_block", i)))
-            self.per_block[i].append(r)
-        replace["dit"] = dit
-        transformer_options["patches_replace"] = replace
+    def register(self, transformer_options: dict) -> None:
+        # Kept under this family's own key: MIControlNet controls of the same call have their own injection.
+        mi = transformer_options.get(DIT_INJECTION_KEY)
+        super().register(transformer_options)
+        if mi is None:
+            transformer_options.pop(DIT_INJECTION_KEY, None)
+        else:
+            transformer_options[DIT_INJECTION_KEY] = mi
 
-    def _patch(self, i: int, previous_patch):
-        def patch(args, extra):
-            out = previous_patch(args, extra) if previous_patch is not None else extra["original_block"](args)
-            img = out["img"]
-            r = self.per_block[i][0]
-            for more in self.per_block[i][1:]:
-                r = r + more
-            r = r.to(device=img.device, dtype=img.dtype)
-            if r.shape[0] != img.shape[0]:
-                r = r.expand_as(img)
-            if self.granularity == "pixel":
-                # add_inj's "pixel" reduces over dim 1: put channels there.
-                injected = add_inj(img.transpose(1, 2), r.transpose(1, 2), self.max_lambda, "pixel").transpose(1, 2)
-            else:
-                injected = add_inj(img, r, self.max_lambda, "layer")
-            return {**out, "img": injected}
-        return patch
+    def add(self, block_residuals: list, transformer_options: dict | None = None, control=None):
+        """Queue one control's per-block residuals (``None`` where a block gets nothing)."""
+        if transformer_options is not None:
+            self.transformer_options = transformer_options
+        label = getattr(control, "label", self.label)
+        return super().add(label, {"output": list(block_residuals)}, control)
 
 
 class RefineControl(WrappedControl):
@@ -290,8 +288,8 @@ class RefineControl(WrappedControl):
         if own is None:
             return control_prev
         if self.balanced:
-            BlockInjection.for_call(transformer_options, self.granularity, self.max_lambda, self.label).add(
-                own.get("output", []), transformer_options)
+            BlockInjection.for_call(transformer_options, self.granularity, self.max_lambda, self.label,
+                                    tuple(x_noisy.shape)).add(own.get("output", []), transformer_options, self)
             return control_prev
         return merge_outputs(own, control_prev)
 
