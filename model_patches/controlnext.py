@@ -12,6 +12,9 @@ How a ControlNeXt control reaches the UNet, through public extension points:
    order), an ``input_block_patch_after_skip``, an ``output_block_patch`` and
    an ``APPLY_MODEL`` wrapper (``controlnext_inject``). All three are
    module-level functions that do nothing when a call carries no stack.
+3. The control module and the control image are ModelPatchers in the clone's
+   additional models (``controlnext_memory``), so ComfyUI loads, counts and
+   offloads them with the model, like a ControlNet.
 
 Nothing is written into ComfyUI's modules and nothing outlives a model call,
 so a graph without these nodes runs exactly as before.
@@ -19,8 +22,9 @@ so a graph without these nodes runs exactly as before.
 The pieces live by idea: ``controlnext_arch`` (the modules and Cross
 Normalization), ``controlnext_files`` (variants, files, model fit),
 ``controlnext_unet`` (UNet weight patches), ``controlnext_svd_unet`` (the
-diffusers spatio-temporal UNet converter) and ``controlnext_inject`` (the
-per-call injection). The names other modules use are re-exported here.
+diffusers spatio-temporal UNet converter), ``controlnext_inject`` (the
+per-call injection) and ``controlnext_memory`` (model management). The names
+other modules use are re-exported here.
 """
 
 from __future__ import annotations
@@ -62,6 +66,7 @@ from .controlnext_inject import (  # noqa: F401 (re-exported)
     training_call,
 )
 from .controlnext_unet import add_unet_patches, describe_unet_file, unet_weight_patches  # noqa: F401
+from . import controlnext_memory
 from .inputs import check_image, check_percent_range
 from .masks import normalise_mask
 from .unet_patches import prepend_model_patch
@@ -88,6 +93,7 @@ def apply_controlnext(model, weights: ControlNeXtWeights, image: torch.Tensor, s
     if strength == 0:
         return m
     control = ControlNeXtControl(weights, variant, image, strength, start_percent, end_percent, mask, uncond, label)
+    controlnext_memory.register(m, control.patchers)
     to = m.model_options.setdefault("transformer_options", {})
     prev = to.get(STACK_KEY)
     to[STACK_KEY] = ControlNeXtStack((prev.controls if prev else ()) + (control,), combine)

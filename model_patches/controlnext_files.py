@@ -286,15 +286,19 @@ class ControlNeXtWeights:
     def candidates(self) -> list[Variant]:
         return [v for v in VARIANTS.values() if v.layout == self.layout]
 
+    def build_module(self, variant: Variant) -> ControlNeXtModule:
+        """A new module for ``variant`` with these weights, on the CPU, frozen."""
+        m = ControlNeXtModule(variant.module_config)
+        m.load_state_dict(self.control_sd, strict=True)
+        return m.requires_grad_(False).eval()
+
     def module(self, variant: Variant, device: torch.device) -> ControlNeXtModule:
-        """The module for ``variant`` on ``device`` (built once per device)."""
+        """The module for ``variant`` on ``device`` (built once per device), outside ComfyUI's
+        model management: sampling uses the managed one (``controlnext_memory``)."""
         key = (variant.module_config.name, str(device))
         m = self._modules.get(key)
         if m is None:
-            m = ControlNeXtModule(variant.module_config)
-            m.load_state_dict(self.control_sd, strict=True)
-            m.requires_grad_(False).eval()
-            m = m.to(device)
+            m = self.build_module(variant).to(device)
             self._modules[key] = m
         return m
 

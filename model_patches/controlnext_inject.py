@@ -23,6 +23,7 @@ import torch
 import comfy.utils
 
 from .balance import add_com
+from . import controlnext_memory
 from .controlnext_arch import cross_normalize
 from .controlnext_files import ControlNeXtWeights, Variant
 from .masks import mask_at, mask_index_per_row, normalise_mask
@@ -54,6 +55,18 @@ class ControlNeXtControl:
         self.label = label
         self._hint_cache: tuple | None = None
         self._mask_cache: tuple | None = None
+        # Loaded, counted and offloaded by ComfyUI with the model (controlnext_memory).
+        self.module_patcher = controlnext_memory.module_patcher(weights, variant)
+        self.hint_patcher = controlnext_memory.hint_patcher(self.hint)
+
+    @property
+    def patchers(self) -> tuple:
+        return (self.module_patcher, self.hint_patcher)
+
+    def module_on(self, device):
+        """The managed module where ComfyUI loaded it to ``device``, else a per-device copy."""
+        m = self.module_patcher.model
+        return m if controlnext_memory.is_on(m, device) else self.weights.module(self.variant, device)
 
     def _trained_scale(self, learned: float | None) -> float:
         s = self.variant.fixed_scale * self.weights.trained_strength(self.variant)
@@ -88,6 +101,12 @@ class ControlNeXtControl:
 
     def hint_at(self, height: int, width: int, device) -> torch.Tensor:
         """The control image at pixel size (height, width), like core resizes hints (centre crop)."""
+        managed = self.hint_patcher.model.hint
+        if controlnext_memory.is_on(managed, device):
+            # Not cached: ComfyUI may move the managed hint off the device after the run.
+            if managed.shape[-2:] == (height, width):
+                return managed
+            return comfy.utils.common_upscale(managed, width, height, "bilinear", "center")
         key = (height, width, str(device))
         if self._hint_cache is None or self._hint_cache[0] != key:
             h = self.hint
@@ -189,7 +208,7 @@ class ControlNeXtCall:
             live = torch.nonzero(scale != 0).flatten()
             pairs = torch.stack([row_hint[live].to(torch.float32), timesteps[live]], dim=1)
             unique, inverse = torch.unique(pairs, dim=0, return_inverse=True)
-            module = control.weights.module(control.variant, x.device)
+            module = control.module_on(x.device)
             with torch.no_grad():
                 feats = module(hint[unique[:, 0].long()].to(module.dtype), unique[:, 1].to(torch.float32))
             call.module_evaluations += unique.shape[0]

@@ -45,6 +45,7 @@ import comfy.controlnet
 import comfy.utils
 
 from .balance import reduction_memory_bytes
+from . import multigpu
 from .families import describe_unet
 from .masks import mask_for_rows
 from .injection.engine import INACTIVE_KEY, BalanceRecord  # noqa: F401
@@ -166,6 +167,23 @@ class WrappedControl(comfy.controlnet.ControlBase):
 
     def inference_memory_requirements(self, dtype):
         return super().inference_memory_requirements(dtype) + self.inner.inference_memory_requirements(dtype)
+
+    # -- multi-GPU (model_patches/multigpu.py) --------------------------------------------
+    def deepclone_multigpu(self, load_device, autoregister=False):
+        """This control for ``load_device`` (ComfyUI 0.28's contract, ``comfy/controlnet.py``
+        ``ControlNet.deepclone_multigpu`` L322-328): a ``copy()`` (hint, mask, strength, range, label;
+        no previous control, the sampler links the device's chain) whose inner control is cloned
+        for the device, its weights a deep copy wrapped for ``load_device``."""
+        c = self.copy()
+        c.inner = multigpu.clone_core_control(self.inner, load_device, self.label)
+        if autoregister:
+            multigpu.device_clones(self)[load_device] = c
+        return c
+
+    if not hasattr(comfy.controlnet.ControlBase, "get_instance_for_device"):
+        def get_instance_for_device(self, device):
+            """As ComfyUI 0.28's ``ControlBase.get_instance_for_device`` (runtimes without it)."""
+            return multigpu.instance_for_device(self, device)
 
 
 class MinimalImpactControl(WrappedControl):
@@ -312,8 +330,10 @@ def _minimal_impact_controls(conditioning: list) -> list["MinimalImpactControl"]
     out = []
     for _, extra in conditioning:
         for c in iter_chain(extra.get("control")):
-            if isinstance(c, MinimalImpactControl) and c not in out:
-                out.append(c)
+            # With multi-GPU sampling, the clones for the other devices record their own rows.
+            for d in [c] + list(getattr(c, "multigpu_clones", {}).values()):
+                if isinstance(d, MinimalImpactControl) and d not in out:
+                    out.append(d)
     return out
 
 
