@@ -1,13 +1,15 @@
 """Command-line pieces the UNet training subcommands (micontrolnet,
 controlnext) share: the options both have, added at the same place in each
-``--help``, and the checks of their values. Light imports only, so ``--help`` answers at once."""
+``--help``, and the checks of their values (the options every subcommand,
+Refine-Control included, spells the same way: ``conventions.py``). Light imports only, so ``--help`` answers at once."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
-from pathlib import Path
+
+from . import conventions
 
 
 def add_family_argument(group) -> None:
@@ -70,12 +72,18 @@ def add_run_arguments(group) -> None:
     group.add_argument("--validate-every", type=int, default=0,
                        help="sample a validation image with ComfyUI's sampler every N steps and at the end, "
                             "0 = off (default: 0)")
-    group.add_argument("--validation-image", default=None,
-                       help="condition image for validation (default: the first sample's full condition)")
-    group.add_argument("--validation-prompt", default=None, help="prompt for validation (default: the first sample's)")
+    conventions.add_validation_pair_arguments(group)
     group.add_argument("--validation-steps", type=int, default=20, help="sampling steps of validation (default: 20)")
     group.add_argument("--validation-cfg", type=float, default=7.0, help="CFG scale of validation (default: 7)")
-    group.add_argument("--no-progress", action="store_true", help="no progress bar (the CSV log is still written)")
+    group.add_argument("--no-progress", action="store_true", help="no progress bar (the --report-to logs are still "
+                       "written)")
+    conventions.add_report_arguments(group)
+    conventions.add_config_argument(group)
+
+
+def add_schedule_arguments(group, what: str = "") -> None:
+    """--lr-scheduler, --lr-warmup-steps, --lr-power (every trainer; formula: conventions.lr_at)."""
+    conventions.add_schedule_arguments(group, what)
 
 
 def common_problems(args) -> list[str]:
@@ -91,8 +99,8 @@ def common_problems(args) -> list[str]:
             problems.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if not 0.0 <= args.empty_prompt_prob <= 1.0:
         problems.append(f"--empty-prompt-prob must be in [0, 1], got {args.empty_prompt_prob}")
-    if args.validation_image and not Path(args.validation_image).is_file():
-        problems.append(f"--validation-image {args.validation_image}: no such file")
+    problems += conventions.validation_problems(args)
+    problems += conventions.schedule_problems(args, args.max_steps)
     return problems
 
 

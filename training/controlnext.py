@@ -83,7 +83,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="AdamW learning rate of the UNet subset (default: 1e-5)")
     g.add_argument("--module-lr-scale", type=float, default=10.0,
                    help="the control module's learning rate is --learning-rate times this (default: 10)")
-    g.add_argument("--lr-warmup-steps", type=int, default=0, help="linear warm-up steps, both rates (default: 0)")
+    cli.add_schedule_arguments(g, " (both rates)")
     cli.add_regularisation_arguments(g)
     g.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"],
                    help="compute precision; the frozen UNet is stored in it, the module and the trained UNet "

@@ -226,7 +226,7 @@ class ControlNeXtTrainer(MIControlNetTrainer):
         fields = {"loss": f"{means['total']:.8g}", "module_lr": f"{lr * self.args.module_lr_scale:.6g}"}
         return fields, {"loss": f"{means['total']:.4f}"}
 
-    def sample_validation(self, step: int) -> Path:
+    def sample_validation(self, step: int) -> list[Path]:
         """Sample with ComfyUI's sampler through the ControlNeXtApply code path,
         with the current module on the base model holding the trained UNet subset."""
         from .validation import sample_controlnext

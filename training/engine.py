@@ -377,11 +377,6 @@ class SkippedSteps:
                              f"are finite. To continue: {hint}, then --resume latest.")
 
 
-def warmup_lr(step: int, base_lr: float, warmup: int) -> float:
-    """Linear warm-up over ``warmup`` optimizer steps, then constant."""
-    return base_lr if warmup <= 0 else base_lr * min(1.0, (step + 1) / warmup)
-
-
 class StepTimer:
     def __init__(self):
         self.t = time.perf_counter()

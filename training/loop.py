@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 
 from . import engine
+from .conventions import lr_at
+from .reporting import Reporters
 from .runtime import setup_comfy
 
 log = logging.getLogger("training")
@@ -154,6 +156,14 @@ class TrainingLoop:
                     torch.distributed.all_reduce(p.grad)
                     p.grad /= world
 
+    def learning_rate(self, step: int) -> float:
+        """--learning-rate under --lr-scheduler and --lr-warmup-steps at optimizer step ``step`` (0-based)."""
+        a = self.args
+        scheduler = getattr(a, "lr_scheduler", "constant")
+        total = 1 if scheduler == "constant" else self.total_steps()  # a constant schedule needs no length
+        return lr_at(step, a.learning_rate, scheduler, getattr(a, "lr_warmup_steps", 0), total,
+                     getattr(a, "lr_power", 1.0))
+
     def optimizer_step(self, step: int, loss_finite: bool = True) -> tuple[float, bool]:
         """Step ``step``'s learning rate (times each group's ``lr_scale``), loss
         unscaling, the finiteness check, gradient clipping, the AdamW update;
@@ -164,7 +174,7 @@ class TrainingLoop:
         (the weights and the optimizer state stay as they were; the fp16 loss
         scale is lowered as GradScaler does)."""
         a = self.args
-        lr = engine.warmup_lr(step, a.learning_rate, getattr(a, "lr_warmup_steps", 0))
+        lr = self.learning_rate(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         if self.dist.enabled and self.average_gradients_by_hand:
@@ -184,14 +194,15 @@ class TrainingLoop:
 
     # ------------------------------------------------------------------ the loop
     def _loop_inputs(self):
-        """The micro-batches, the CSV log and args.json (main rank), the
-        progress bar and the autocast context."""
+        """The micro-batches, the --report-to logs and args.json (main rank),
+        the progress bar and the autocast context."""
         a, dist = self.args, self.dist
         batches, self.global_batch = self.micro_batches()
-        csv_log = (engine.CsvLog(self.output / "log.csv", self.start_step if a.resume else None, self.LOG_FIELDS)
-                   if dist.main else None)
         if dist.main:
             self.output.mkdir(parents=True, exist_ok=True)
+        self.reporters = csv_log = (Reporters(a, self.output, self.LOG_FIELDS, self.start_step if a.resume else None)
+                                    if dist.main else None)
+        if dist.main:
             (self.output / "args.json").write_text(json.dumps(vars(a), indent=1, default=str))
         bar = engine.progress_bar(self.total_steps(), self.start_step,
                                   dist.main and not getattr(a, "no_progress", False))
@@ -269,13 +280,17 @@ class TrainingLoop:
             self.validate(step)
 
     def validate(self, step: int) -> None:
-        """A validation image from rank 0 (``sample_validation``); the other ranks wait."""
+        """The validation images from rank 0 (``sample_validation``: one per
+        prompt/image pair), into the --report-to logs too; the other ranks wait."""
         if not self.dist.main:
             self.dist.barrier()
             return
         try:
-            path = self.sample_validation(step)
-            log.info("validation sample: %s", path)
+            paths = self.sample_validation(step)
+            for k, path in enumerate(paths if isinstance(paths, list) else [paths]):
+                log.info("validation sample: %s", path)
+                if getattr(self, "reporters", None) is not None:
+                    self.reporters.image(f"validation/{k}", path, step)
         except Exception as e:  # noqa: BLE001 - validation must not end a long run
             log.error("validation at step %d failed: %s: %s", step, type(e).__name__, e)
         self.dist.barrier()

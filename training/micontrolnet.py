@@ -99,7 +99,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("optimisation")
     cli.add_batch_arguments(g)
     g.add_argument("--learning-rate", type=float, default=1e-5, help="AdamW learning rate (default: 1e-5)")
-    g.add_argument("--lr-warmup-steps", type=int, default=0, help="linear warm-up steps (default: 0)")
+    cli.add_schedule_arguments(g)
     cli.add_regularisation_arguments(g)
     g.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"],
                    help="compute precision. no: every network (UNet, text encoder, VAE, ControlNet) in fp32, "

@@ -201,7 +201,7 @@ class MIControlNetTrainer(TrainingLoop):
         log.info("wrote %s (%d samples skipped: %d at scan, %d at load)", ", ".join(map(str, written)),
                  self.skipped_at_scan + len(self.samples.bad), self.skipped_at_scan, len(self.samples.bad))
 
-    def sample_validation(self, step: int) -> Path:
+    def sample_validation(self, step: int) -> list[Path]:
         """Sample with ComfyUI's sampler through the MIControlNetApply node,
         from the current weights loaded by ComfyUI's ControlNet loader."""
         from .validation import sample_micontrolnet

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from .. import conventions
 from ..cli import add_deprecated_spelling, add_max_skipped_steps
 
 PAPER_ABLATION = ("single-stage ablation: without --unlabeled there is no stage 2 (the paper reports "
@@ -58,6 +59,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--learning-rate", type=float, default=1e-5,
                    help="AdamW learning rate of the student (default: 1e-5)")
     add_deprecated_spelling(g, "--lr", "--learning-rate", "learning_rate", type=float)
+    conventions.add_schedule_arguments(g, " (over both stages)")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: 0)")
     g.add_argument("--alpha", type=float, default=0.975, help="task-loss weight inside the mask (1-alpha outside)")
     g.add_argument("--w-task", type=float, default=1.0, help="weight of the mask-weighted task loss (default: 1)")
     g.add_argument("--w-kd", type=float, default=1.0,
@@ -95,7 +98,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto; ranks use their LOCAL_RANK GPU)")
     g.add_argument("--save-dtype", default="fp16", choices=["fp16", "bf16", "fp32"],
                    help="dtype of the exported student file (default: fp16)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar (the CSV log is still written)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar (the --report-to logs are still "
+                   "written)")
+    conventions.add_report_arguments(g)
+    conventions.add_config_argument(g)
 
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.description = ("Inpaint held-out images with the teacher and the student through ComfyUI's sampler and the "
@@ -135,4 +141,7 @@ def resolve_stages(args) -> list[str]:
         args.stage2_steps = max(1, args.stage1_steps // 4) if args.unlabeled else 0
     if not args.unlabeled:
         notes.append(PAPER_ABLATION)
+    problems = conventions.schedule_problems(args, args.stage1_steps + args.stage2_steps)
+    if problems:
+        raise SystemExit("training refine-control: " + "; ".join(problems))
     return notes
