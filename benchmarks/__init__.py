@@ -1,0 +1,1 @@
+"""Benchmarks of ComfyUI-BalancedControl (run as scripts or `python -m benchmarks.NAME`)."""

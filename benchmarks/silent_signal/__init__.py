@@ -1,0 +1,1 @@
+"""The silent-signal proof-of-effect benchmark (`python -m benchmarks.silent_signal`)."""

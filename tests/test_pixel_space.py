@@ -1,0 +1,172 @@
+"""The pixel-space base, the procedural canvases and in-memory ControlNet
+training (training/pixel_space.py, procedural.py, pixel_controlnet.py), on
+ComfyUI's own model classes, loader and sampler path."""
+
+import numpy as np
+import pytest
+import torch
+
+import comfy.latent_formats
+
+from balanced_control.nodes.micontrolnet import MIControlNetApply, MIControlNetSettings
+from training import objectives as O
+from training import pixel_controlnet as pc
+from training import pixel_space as ps
+from training import procedural as pr
+
+
+@pytest.fixture(scope="module")
+def small():
+    canvases = pr.make_canvases(12, 16, seed=3)
+    base = ps.build_pixel_base(seed=0)
+    return {"canvases": canvases, "base": base, "canny": pr.control("canny", canvases),
+            "regions": pr.control("regions", canvases)}
+
+
+def test_fold_is_a_lossless_2x2_fold_to_four_channels():
+    g = torch.rand(3, 8, 6, generator=torch.Generator().manual_seed(0))
+    z = ps.fold(g)
+    assert z.shape == (3, 4, 4, 3)
+    # Channel c of latent pixel (i, j) is image pixel (2i + c // 2, 2j + c % 2), mapped to [-1, 1].
+    assert torch.equal(z[:, 1, 2, 1], g[:, 4, 3] * 2 - 1)
+    assert torch.equal(z[:, 2, 0, 2], g[:, 1, 4] * 2 - 1)
+    assert torch.allclose(ps.unfold(z), g, atol=1e-6)
+    with pytest.raises(ValueError, match="even H and W"):
+        ps.fold(torch.rand(1, 5, 4))
+    with pytest.raises(ValueError, match=r"\(B, 4, h, w\)"):
+        ps.unfold(torch.rand(1, 3, 4, 4))
+
+
+def test_the_base_is_comfyuis_sd15_unet_with_an_identity_latent_format(small):
+    import comfy.model_base
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    base = small["base"]
+    assert isinstance(base.model, comfy.model_base.BaseModel)
+    assert isinstance(base.unet, UNetModel)
+    assert type(base.model.latent_format) is comfy.latent_formats.LatentFormat
+    z = torch.randn(2, 4, 8, 8)
+    assert torch.equal(base.model.process_latent_in(z), z)
+    # SD1.5's discrete ε schedule.
+    import comfy.supported_models
+    sd15 = comfy.supported_models.SD15(ps.pixel_unet_config()).get_model({})
+    assert torch.equal(base.model.model_sampling.sigmas, sd15.model_sampling.sigmas)
+    again = ps.build_pixel_base(seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(base.unet.state_dict().values(), again.unet.state_dict().values()))
+    assert torch.equal(base.context, again.context)
+
+
+def test_training_the_base_lowers_its_loss_on_a_held_out_batch():
+    c = pr.make_canvases(32, 16, seed=1)
+    base = ps.build_pixel_base(seed=2)
+    g = torch.Generator().manual_seed(7)
+    z = ps.fold(torch.from_numpy(pr.make_canvases(8, 16, seed=99).images))
+    noise, t = torch.randn(z.shape, generator=g), torch.randint(0, 1000, (8,), generator=g)
+    with torch.no_grad():
+        before = ps.eps_loss(base.model, z, noise, t, base.context).mean()
+    ps.train_pixel_base(base, torch.from_numpy(c.images), steps=60, batch_size=8, seed=0, log_every=0)
+    with torch.no_grad():
+        after = ps.eps_loss(base.model, z, noise, t, base.context).mean()
+    assert after < 0.8 * before, (before, after)
+    assert not any(p.requires_grad for p in base.unet.parameters())
+
+
+def test_canvases_are_seeded_and_every_half_has_flat_and_textured_regions():
+    a, b = pr.make_canvases(6, 16, seed=5), pr.make_canvases(6, 16, seed=5)
+    assert np.array_equal(a.images, b.images) and np.array_equal(a.labels, b.labels)
+    assert not np.array_equal(a.images, pr.make_canvases(6, 16, seed=6).images)
+    for k in range(6):
+        for half in (a.kinds[k][:, :8], a.kinds[k][:, 8:]):
+            assert (half == 0).any() and (half > 0).any()
+        flat = a.kinds[k] == 0
+        # Flat regions are one grey level per region; textured ones vary.
+        for r in np.unique(a.labels[k]):
+            m = a.labels[k] == r
+            assert (np.ptp(a.images[k][m]) == 0) == bool(flat[m].all())
+    assert {int(v) for v in np.unique(np.concatenate([c.kinds.ravel() for c in (a,)]))} <= set(range(len(pr.TEXTURES)))
+
+
+def test_the_two_control_kinds_are_different_conditions(small):
+    canny, regions, c = small["canny"], small["regions"], small["canvases"]
+    assert canny.shape == regions.shape == (12, 16, 16, 3)
+    assert set(np.unique(canny)) <= {0.0, 1.0}
+    assert regions.min() >= 0.2  # never the silent value 0
+    # A region map is constant on each region; canny marks lines inside textured regions too.
+    for k in range(len(c)):
+        for r in np.unique(c.labels[k]):
+            m = c.labels[k] == r
+            assert np.ptp(regions[k][m], axis=0).max() == 0
+    assert canny[c.kinds > 0].mean() > canny[c.kinds == 0].mean()
+    with pytest.raises(ValueError, match="unknown control kind"):
+        pr.control("depth", c)
+
+
+def test_rebalancing_silences_whole_regions(small):
+    c, hints = small["canvases"], small["regions"]
+    cfg = pc.ControlTraining(rebalance_prob=1.0, keep_prob=0.5)
+    out = pc.rebalanced(hints, c.labels, np.random.default_rng(0), cfg)
+    for k in range(len(c)):
+        silent = (out[k] == 0).all(-1)
+        assert silent.any() and not silent.all()
+        for r in np.unique(c.labels[k]):
+            m = c.labels[k] == r
+            assert silent[m].all() or not silent[m].any()
+        assert np.array_equal(out[k][~silent], hints[k][~silent])
+    same = pc.rebalanced(hints, c.labels, np.random.default_rng(0), pc.ControlTraining(rebalance_prob=0.0))
+    assert np.array_equal(same, hints)
+
+
+def test_a_trained_controlnet_samples_through_the_node_path_as_it_trained(small):
+    """The training forward (objectives.controlled_eps, add^inj, mgda convention) against
+    ComfyUI's loader + MIControlNetApply + MIControlNetSettings + model.apply_model."""
+    base, c = small["base"], small["canvases"]
+    cfg = pc.ControlTraining(steps=3, batch_size=4, mode="micontrolnet", lambda_convention="mgda_weight_of_control",
+                             lr=1e-2)
+    cnet, losses = pc.train_controlnet(base, c.images, small["canny"], c.labels, cfg, log_every=0)
+    assert len(losses) == 3 and any(p.any() for p in cnet.zero_convs[0].parameters())
+    model, ms = base.model, base.model.model_sampling
+    g = torch.Generator().manual_seed(1)
+    z = ps.fold(torch.from_numpy(c.images[:2]))
+    sigma = ms.sigmas[torch.tensor([300, 700])].float()
+    x_noisy = ms.noise_scaling(sigma, torch.randn(z.shape, generator=g), z)
+    hint = torch.from_numpy(small["canny"][:2])
+    ctx = base.context.expand(2, -1, -1)
+    with torch.no_grad(), O.training_attention():
+        x_in = ms.calculate_input(sigma, x_noisy)
+        eps = O.controlled_eps(model, cnet, x_in, x_in, ms.timestep(sigma), ctx, None,
+                               pc.upscale_hint(hint, (8, 8)), mode="micontrolnet",
+                               lambda_convention="mgda_weight_of_control")
+        trained = ms.calculate_denoised(sigma, eps, x_noisy)
+    patched = MIControlNetSettings.execute(base.patcher(), "micontrolnet", "layer", 20.0, False,
+                                           lambda_convention="mgda_weight_of_control").args[0]
+    settings = patched.model_options["transformer_options"]
+    loaded = pc.comfy_controlnet(cnet)
+    rows = []
+    with torch.no_grad():
+        for r in range(2):
+            control = MIControlNetApply.execute(base.conditioning(), base.conditioning(), loaded, hint[r:r + 1],
+                                                1.0, 0.0, 1.0, None, None).args[0][0][1]["control"]
+            control.pre_run(model, ms.percent_to_sigma)
+            to = {"cond_or_uncond": [0], "sigmas": sigma[r:r + 1], **settings}
+            cc = {"c_crossattn": base.context, "transformer_options": to}
+            ctrl = control.get_control(x_noisy[r:r + 1], sigma[r:r + 1], cc, 1, to)
+            rows.append(model.apply_model(x_noisy[r:r + 1], sigma[r:r + 1], c_crossattn=base.context, control=ctrl,
+                                          transformer_options=to))
+            control.cleanup()
+        plain = model.apply_model(x_noisy, sigma, c_crossattn=ctx)
+    sampled = torch.cat(rows)
+    assert torch.allclose(trained, sampled, rtol=1e-4, atol=1e-5), (trained - sampled).abs().max()
+    assert (trained - plain).abs().max() > 1e-4
+
+
+def test_as_written_from_zero_warms_up_with_a_plain_add(small):
+    """The trainer's rule: under as_written a zero-initialised ControlNet has no gradient
+    through add^inj, so the first steps inject with a plain add and the zero convs move."""
+    base, c = small["base"], small["canvases"]
+    cfg = pc.ControlTraining(steps=1, batch_size=2, mode="micontrolnet", lambda_convention="as_written")
+    cnet, _ = pc.train_controlnet(base, c.images, small["canny"], c.labels, cfg, log_every=0)
+    assert any(p.any() for p in cnet.zero_convs[0].parameters())
+    cfg = pc.ControlTraining(steps=1, batch_size=2, mode="micontrolnet", lambda_convention="as_written",
+                             plain_add_warmup_steps=0)
+    cnet, _ = pc.train_controlnet(base, c.images, small["canny"], c.labels, cfg, log_every=0)
+    assert not any(p.any() for p in cnet.zero_convs[0].parameters())

@@ -1,0 +1,162 @@
+"""A pixel-space base model: ComfyUI's SD1.5-family UNet on 2×2-folded pixels.
+
+For experiments that need a *trained* base model but cannot download one
+(``benchmarks/silent_signal``): a grayscale image in [0, 1] is mapped to
+[−1, 1] and folded 2×2 into four channels (``pixel_unshuffle``), so an
+``S×S`` image is a ``4×S/2×S/2`` "latent" and no VAE is needed. The model is
+ComfyUI's own ``comfy.model_base.BaseModel`` built from a
+``comfy.supported_models.SD15`` subclass (the UNet is
+``openaimodel.UNetModel``, the noise schedule SD1.5's discrete ε schedule),
+with an identity latent format (scale 1), so ComfyUI's sampler, ControlNet
+loader and this project's injection code all run on it unchanged.
+
+Attention heads: ComfyUI's ControlNet loader falls back to
+``supported_models_base.BASE`` for a config that matches no released model
+(comfy/model_detection.py ``model_config_from_unet(..., use_base_if_no_match)``),
+whose extra config is ``num_heads=-1, num_head_channels=64``. The base uses the
+same, so a ControlNet trained here and the one ComfyUI's loader builds from
+its file compute the same attention (tested).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .runtime import setup_comfy
+
+log = logging.getLogger(__name__)
+
+# A small SD1.5-family UNet on 4 channels: two levels, self- and (constant-context)
+# cross-attention at the lower level and in the middle block only.
+PIXEL_UNET = {
+    "use_checkpoint": False, "image_size": 16, "in_channels": 4, "out_channels": 4, "model_channels": 32,
+    "num_res_blocks": [1, 1], "channel_mult": [1, 2], "transformer_depth": [0, 1],
+    "transformer_depth_output": [0, 0, 1, 1], "transformer_depth_middle": 1, "use_spatial_transformer": True,
+    "legacy": False, "adm_in_channels": None, "context_dim": 32, "use_linear_in_transformer": False,
+    "use_temporal_attention": False, "use_temporal_resblock": False,
+}
+
+
+def pixel_unet_config(model_channels: int = 32, context_dim: int = 32) -> dict:
+    cfg = copy.deepcopy(PIXEL_UNET)
+    cfg.update(model_channels=model_channels, context_dim=context_dim)
+    return cfg
+
+
+def _config_class():
+    setup_comfy()
+    import comfy.latent_formats
+    import comfy.supported_models
+
+    class PixelSpaceSD15(comfy.supported_models.SD15):
+        """SD1.5's schedule and UNet class on folded pixels (identity latent format)."""
+        latent_format = comfy.latent_formats.LatentFormat
+        # What ComfyUI's ControlNet loader uses for an unrecognised config (see the module docstring).
+        unet_extra_config = {"num_heads": -1, "num_head_channels": 64}
+
+    return PixelSpaceSD15
+
+
+def fold(gray: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) grayscale in [0, 1] -> (B, 4, H/2, W/2) model-space latent in [−1, 1]."""
+    if gray.ndim != 3 or gray.shape[-1] % 2 or gray.shape[-2] % 2:
+        raise ValueError(f"fold: expected (B, H, W) with even H and W, got {tuple(gray.shape)}")
+    return F.pixel_unshuffle((gray * 2 - 1).unsqueeze(1), 2)
+
+
+def unfold(latent: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``fold``: (B, 4, h, w) -> (B, 2h, 2w) in [0, 1] (clamped)."""
+    if latent.ndim != 4 or latent.shape[1] != 4:
+        raise ValueError(f"unfold: expected (B, 4, h, w), got {tuple(latent.shape)}")
+    return ((F.pixel_shuffle(latent.float(), 2)[:, 0] + 1) / 2).clamp(0, 1)
+
+
+@dataclass
+class PixelBase:
+    """The trained base: ComfyUI model, its patcher and the constant text context."""
+
+    model: object          # comfy.model_base.BaseModel
+    unet_config: dict
+    context: torch.Tensor  # (1, 1, context_dim): the one "caption" every sample has
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        return self.model.diffusion_model
+
+    def patcher(self):
+        import comfy.model_management
+        import comfy.model_patcher
+
+        return comfy.model_patcher.ModelPatcher(self.model, load_device=comfy.model_management.get_torch_device(),
+                                                offload_device=comfy.model_management.unet_offload_device())
+
+    def conditioning(self) -> list:
+        """Positive/negative conditioning for ComfyUI's sampler."""
+        return [[self.context.clone(), {}]]
+
+
+def build_pixel_base(unet_config: dict | None = None, seed: int = 0, device="cpu") -> PixelBase:
+    """A freshly initialised pixel-space base (PyTorch's default init, seeded)."""
+    cfg = copy.deepcopy(unet_config or PIXEL_UNET)
+    config = _config_class()(cfg)
+    model = config.get_model({}, device=torch.device("cpu"))
+    g_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for m in model.diffusion_model.modules():
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+                (torch.nn.Conv2d if isinstance(m, torch.nn.Conv2d) else torch.nn.Linear).reset_parameters(m)
+            elif isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and m.weight is not None:
+                m.weight.fill_(1.0)
+                m.bias.zero_()
+        context = torch.randn(1, 1, cfg["context_dim"])
+    torch.random.set_rng_state(g_state)
+    model.diffusion_model.to(device)
+    return PixelBase(model, config.unet_config, context)
+
+
+def eps_loss(model, latents: torch.Tensor, noise: torch.Tensor, timestep_index: torch.Tensor,
+             context: torch.Tensor) -> torch.Tensor:
+    """Per-row ε-MSE of the UNet alone, on ComfyUI's schedule (as ``objectives.loss_terms``)."""
+    ms = model.model_sampling
+    sigma = ms.sigmas.to(latents.device)[timestep_index].float()
+    x_in = ms.calculate_input(sigma, ms.noise_scaling(sigma, noise, latents))
+    eps = model.diffusion_model(x_in, ms.timestep(sigma).float(), context=context.expand(len(latents), -1, -1))
+    return (eps.float() - noise).square().flatten(1).mean(1)
+
+
+def train_pixel_base(base: PixelBase, images: torch.Tensor, steps: int, batch_size: int = 16, lr: float = 2e-3,
+                     seed: int = 0, device="cpu", log_every: int = 100) -> list[float]:
+    """Train the base UNet on grayscale ``images`` (N, H, W) in [0, 1] with AdamW;
+    every random choice comes from ``seed``. Returns the per-step losses."""
+    unet = base.unet.to(device)
+    unet.requires_grad_(True).train()
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * max(0.1, 1 - s / max(steps, 1)))
+    g = torch.Generator().manual_seed(seed)
+    latents = fold(images).to(device)
+    n_t = int(base.model.model_sampling.sigmas.shape[0])
+    ctx = base.context.to(device)
+    losses, t0 = [], time.perf_counter()
+    for step in range(steps):
+        idx = torch.randint(0, len(latents), (batch_size,), generator=g)
+        noise = torch.randn((batch_size, *latents.shape[1:]), generator=g).to(device)
+        t = torch.randint(0, n_t, (batch_size,), generator=g).to(device)
+        loss = eps_loss(base.model, latents[idx.to(device)], noise, t, ctx).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+        if log_every and (step + 1) % log_every == 0:
+            log.info("base step %d/%d loss %.4f (%.1f s)", step + 1, steps,
+                     sum(losses[-log_every:]) / log_every, time.perf_counter() - t0)
+    unet.requires_grad_(False).eval()
+    return losses
