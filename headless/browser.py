@@ -26,6 +26,7 @@ EXAMPLES = REPO / "example_workflows"
 MODEL_INPUT_FOLDERS = {
     "ckpt_name": "checkpoints", "control_net_name": "controlnet", "vae_name": "vae",
     "unet_name": "diffusion_models", "control_file": "controlnext", "unet_file": "controlnext",
+    "clip_name1": "text_encoders", "clip_name2": "text_encoders", "clip_name": "text_encoders",
 }
 
 

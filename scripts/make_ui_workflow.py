@@ -5,7 +5,7 @@
 Starts ComfyUI with this extension, builds the API prompt's graph in the real
 frontend with its LiteGraph API (so node sizes, slots, widget order and the
 serialized format are exactly what the frontend saves), places the nodes by
-LAYOUT and writes example_workflows/<name>.json. tests/test_browser.py checks
+LAYOUTS[name] and writes example_workflows/<name>.json. tests/test_browser.py checks
 that the two files still describe the same prompt.
 """
 
@@ -23,27 +23,50 @@ sys.path.insert(0, str(REPO))
 from headless.browser import launch_chromium, open_app, prepare_frontend_base  # noqa: E402
 from headless.server import ComfyServer  # noqa: E402
 
-# Node id -> [x, y]. Columns run left to right in data-flow order: loaders and
-# prompts, then the two control branches side by side (each a ControlNet
-# loader over its control image, followed by its Apply node), the sampler,
-# and the outputs. At the saved zoom (0.6) the node text still renders.
-LAYOUT = {
-    "1": [0, 0],         # Load Checkpoint
-    "10": [0, 160],      # MIControlNet Settings
-    "2": [0, 400],       # Positive prompt
-    "3": [0, 630],       # Negative prompt
-    "4": [420, 0],       # ControlNet: canny (left)
-    "6": [420, 110],     # Canny edges, left half
-    "8": [760, 0],       # Apply ControlNet (Minimal Impact): canny
-    "5": [1140, 0],      # ControlNet: openpose (right)
-    "7": [1140, 110],    # Pose skeleton, right half
-    "9": [1480, 0],      # Apply ControlNet (Minimal Impact): pose
-    "12": [1840, 0],     # KSampler
-    "11": [1840, 320],   # Empty Latent Image
-    "13": [2150, 0],     # VAE Decode
-    "14": [2150, 100],   # Save Image
-    "15": [2150, 440],   # MIControlNet Balance Map
-    "16": [2150, 610],   # Save Balance Map
+# Node id -> [x, y], per example (--name). Columns run left to right in data-flow
+# order: loaders and prompts, then the two control branches (each a ControlNet
+# loader over its control image, followed by its Apply node), the sampler, and
+# the outputs. At the saved zoom (0.6) the node text still renders.
+LAYOUTS = {
+    "micontrolnet_two_controls": {
+        "1": [0, 0],         # Load Checkpoint
+        "10": [0, 160],      # MIControlNet Settings
+        "2": [0, 400],       # Positive prompt
+        "3": [0, 630],       # Negative prompt
+        "4": [420, 0],       # ControlNet: canny (left)
+        "6": [420, 110],     # Canny edges, left half
+        "8": [760, 0],       # Apply ControlNet (Minimal Impact): canny
+        "5": [1140, 0],      # ControlNet: openpose (right)
+        "7": [1140, 110],    # Pose skeleton, right half
+        "9": [1480, 0],      # Apply ControlNet (Minimal Impact): pose
+        "12": [1840, 0],     # KSampler
+        "11": [1840, 320],   # Empty Latent Image
+        "13": [2150, 0],     # VAE Decode
+        "14": [2150, 100],   # Save Image
+        "15": [2150, 440],   # MIControlNet Balance Map
+        "16": [2150, 610],   # Save Balance Map
+    },
+    "micontrolnet_flux_two_controls": {
+        "1": [0, 0],         # Load Diffusion Model (Flux.1 dev)
+        "13": [0, 130],      # MIControlNet Settings
+        "2": [0, 380],       # DualCLIPLoader (Flux)
+        "3": [0, 560],       # Load VAE (Flux)
+        "4": [380, 0],       # Positive prompt
+        "6": [380, 210],     # FluxGuidance
+        "5": [380, 330],     # Negative prompt (empty; cfg 1)
+        "7": [800, 0],       # Flux ControlNet: canny (left)
+        "9": [800, 110],     # Canny edges, left half
+        "11": [1140, 0],     # Apply ControlNet (Minimal Impact): canny
+        "8": [800, 470],     # Flux ControlNet: depth (right)
+        "10": [800, 580],    # Depth map, right half
+        "12": [1140, 470],   # Apply ControlNet (Minimal Impact): depth
+        "15": [1520, 0],     # KSampler
+        "14": [1520, 320],   # EmptySD3LatentImage
+        "16": [1860, 0],     # VAE Decode
+        "17": [1860, 100],   # Save Image
+        "18": [1860, 440],   # MIControlNet Balance Map
+        "19": [1860, 610],   # Save Balance Map
+    },
 }
 # Sizes that leave room for previews (LoadImage shows the image, SaveImage the
 # result) and for the Apply nodes' full titles.
@@ -115,16 +138,19 @@ def build(api_path: Path, out_path: Path) -> dict:
     from playwright.sync_api import sync_playwright
 
     prompt = json.loads(api_path.read_text())
-    missing = sorted(set(prompt) - set(LAYOUT))
+    layout = LAYOUTS.get(api_path.stem)
+    if layout is None:
+        raise SystemExit(f"no LAYOUTS entry for {api_path.stem}; add one (node id -> [x, y])")
+    missing = sorted(set(prompt) - set(layout))
     if missing:
-        raise SystemExit(f"no LAYOUT position for node(s) {missing}")
+        raise SystemExit(f"no LAYOUTS position for node(s) {missing}")
     with tempfile.TemporaryDirectory() as tmp:
         base = prepare_frontend_base(Path(tmp))
         with ComfyServer(base) as server, sync_playwright() as p:
             browser = launch_chromium(p)
             page = browser.new_page(viewport={"width": 1600, "height": 1000})
             open_app(page, server.url)
-            workflow = json.loads(page.evaluate(BUILD_JS, [prompt, LAYOUT, SIZES, SEED_CONTROL]))
+            workflow = json.loads(page.evaluate(BUILD_JS, [prompt, layout, SIZES, SEED_CONTROL]))
             browser.close()
     # Show the whole graph (about 2450 x 940 units) in a 1600 x 1000 window, clear of the
     # side bar and the top bars; below a zoom of about 0.57 LiteGraph drops node text.

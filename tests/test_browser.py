@@ -26,6 +26,7 @@ NAME = "micontrolnet_two_controls"
 UI_WORKFLOW = REPO / "example_workflows" / f"{NAME}.json"
 API_WORKFLOW = REPO / "example_workflows" / "api" / f"{NAME}.json"
 TEMPLATE_URL = f"/api/workflow_templates/{urllib.parse.quote(EXTENSION_FOLDER)}/{NAME}.json"
+FLUX_NAME = "micontrolnet_flux_two_controls"  # two Flux ControlNets (canny left, depth right)
 MI_TYPES = {"MIControlNetApply", "MIControlNetSettings", "MIControlNetBalanceMap"}
 
 # Optional per-user files a fresh profile does not have; the frontend probes
@@ -104,6 +105,7 @@ def browser():
 def test_template_route_lists_the_ui_workflow(server):
     templates = server.get_json("/workflow_templates")
     assert NAME in templates.get(EXTENSION_FOLDER, []), templates
+    assert FLUX_NAME in templates[EXTENSION_FOLDER], templates
     # Every file the template browser offers for this pack must be UI-format
     # (the API twin lives in a sub-folder, which the route does not list).
     for name in templates[EXTENSION_FOLDER]:
@@ -198,6 +200,22 @@ def test_example_workflow_loads_and_matches_api_twin(server, browser, tmp_path):
 
 
 ALL_UI_WORKFLOWS = sorted(p.stem for p in (REPO / "example_workflows").glob("*.json"))
+assert FLUX_NAME in ALL_UI_WORKFLOWS
+
+
+def test_flux_example_stacks_two_flux_controlnets_under_micontrolnet_apply():
+    """The Flux example: core's Flux loaders and two ControlNets, each through MIControlNetApply
+    (with the VAE their latent hints need), the model through MIControlNetSettings."""
+    api = json.loads((REPO / "example_workflows" / "api" / f"{FLUX_NAME}.json").read_text())
+    types = {spec["class_type"] for spec in api.values()}
+    assert {"UNETLoader", "DualCLIPLoader", "VAELoader", "FluxGuidance", "EmptySD3LatentImage"} <= types
+    assert [s["inputs"]["type"] for s in api.values() if s["class_type"] == "DualCLIPLoader"] == ["flux"]
+    applies = [s for s in api.values() if s["class_type"] == "MIControlNetApply"]
+    assert len(applies) == 2 and all(isinstance(s["inputs"].get("vae"), list) for s in applies)
+    images = sorted(api[s["inputs"]["image"][0]]["inputs"]["image"] for s in applies)
+    assert images == ["balancedcontrol_canny_left.png", "balancedcontrol_depth_right.png"]
+    sampler = next(s for s in api.values() if s["class_type"] == "KSampler")
+    assert api[sampler["inputs"]["model"][0]]["class_type"] == "MIControlNetSettings"
 
 
 @pytest.mark.parametrize("name", ALL_UI_WORKFLOWS)

@@ -22,7 +22,7 @@ from headless import synthetic as syn
 
 from controlnext_reference import OFFICIAL_PARAMS, official_shapes, reference_injection, reference_module, synthetic_state_dict
 
-from controlnext_common import CPU, LAYOUT_OF, sd15_model, sdxl_model, svd_model, model_for, weights_for, patched_with_recorder, run_model, sigmas_for  # noqa: F401 (fixtures)
+from controlnext_common import CPU, LAYOUT_OF, sd15_model, sdxl_model, sdxl_wide_model, svd_model, model_for, weights_for, patched_with_recorder, run_model, sigmas_for  # noqa: F401 (fixtures)
 
 
 # --------------------------------------------------------------------------------------------
