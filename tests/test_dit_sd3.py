@@ -292,3 +292,20 @@ def test_hunyuan_is_refused_with_a_reason():
     with pytest.raises(ValueError, match=r"HunyuanDiT ControlNets cannot be balanced: core folds their residual "
                                          r"into the skip input"):
         mi_control.MinimalImpactControl.create(cn, torch.zeros(1, 3, 8, 8), 1.0, (0.0, 1.0))
+
+
+def test_balance_map_draws_each_joint_block_at_the_patch_grid(sd3):
+    from balanced_control.nodes.micontrolnet import MIControlNetBalanceMap
+
+    p, n = mi_apply(sd3, sd3["pos"], sd3["neg"], sd3["cns"][0], sd3["images"][0])
+    p, n = mi_apply(sd3, p, n, sd3["cns"][1], sd3["images"][1])
+    out = sample(with_settings(sd3["patcher"], "micontrolnet", granularity="pixel"), p, n)
+    rec = mi_control.find_balance_record(p)
+    assert rec.site == "transformer" and len(rec.layers) == 3
+    for layer in rec.layers:
+        assert layer["feature_magnitude"].shape[-2:] == (4, 4)
+        assert layer["weights"][0].shape[-2:] == (4, 4)  # one weight per token in pixel granularity
+    image = MIControlNetBalanceMap.execute(p, {"samples": out}, 32).args[0]
+    assert image.ndim == 4 and image.shape[-1] == 3
+    # the controls cover the left / right halves: their colours dominate on opposite sides of a block
+    assert (image[0, ..., 0] > 0.5).any() and (image[0, ..., 1] > 0.5).any()
