@@ -23,6 +23,13 @@ from headless import synthetic_dit as sd
 from headless import synthetic_sd3 as s3
 
 CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    """Forwards as the sampler runs them: without autograd (ComfyUI's weights require grad)."""
+    with torch.no_grad():
+        yield
 BF16 = {"dtype": torch.bfloat16}
 
 

@@ -26,6 +26,13 @@ from headless import synthetic_sd3 as s3
 CPU = torch.device("cpu")
 
 
+@pytest.fixture(autouse=True)
+def _no_grad():
+    """Forwards as the sampler runs them: without autograd (ComfyUI's weights require grad)."""
+    with torch.no_grad():
+        yield
+
+
 @pytest.fixture(scope="module")
 def sd3():
     model = s3.build_sd3_model()
