@@ -14,7 +14,7 @@ from balanced_control.model_patches import controlnext as cx
 from balanced_control.model_patches import controlnext_memory as cmem
 from balanced_control.model_patches.controlnext_arch import ControlNeXtModule
 
-from test_controlnext import _patcher, sd15_model, weights_for  # noqa: F401
+from test_controlnext import sd15_model, weights_for  # noqa: F401
 
 META = torch.device("meta")
 

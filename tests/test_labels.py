@@ -9,12 +9,12 @@ the saved workflow (``extra_data.extra_pnginfo``) to ComfyUI's own server."""
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 
 import numpy as np
 import pytest
 import safetensors.torch
-import torch
 from PIL import Image
 
 from comfy_api.latest import io
@@ -23,7 +23,6 @@ from balanced_control.model_patches import mi_control
 from balanced_control.nodes.common import display_name, loaded_file, node_label
 from balanced_control.nodes.controlnext import ControlNeXtApply
 from balanced_control.nodes.micontrolnet import MIControlNetApply, MIControlNetBalanceMap
-from balanced_control.nodes.refine_control import RefineControlInpaintApply
 from headless import synthetic
 from headless.runtime import REPO
 from headless.server import ComfyServer, copy_model
@@ -55,6 +54,8 @@ def _as_run(cls, uid, prompt=None, workflow=None):
     cls.GET_SCHEMA()
     hidden = {io.Hidden.unique_id: uid, io.Hidden.prompt: prompt,
               io.Hidden.extra_pnginfo: None if workflow is None else {"workflow": workflow}}
+    if "v3_data" in inspect.signature(cls.PREPARE_CLASS_CLONE).parameters:  # ComfyUI 0.28
+        return cls.PREPARE_CLASS_CLONE({"hidden_inputs": hidden})
     return cls.PREPARE_CLASS_CLONE(hidden)
 
 
