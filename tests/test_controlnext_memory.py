@@ -132,8 +132,9 @@ def test_call_on_another_device_uses_that_devices_clone(sd15_model):
     assert w._modules == {}
 
     device_clone = m.clone()
+    resources = m.get_additional_models_with_key(cmem.RESOURCES_KEY)
     device_clone.set_additional_models(cmem.RESOURCES_KEY, [
-        p.cached_patcher_init[0](*p.cached_patcher_init[1]) for p in m.get_additional_models_with_key(cmem.RESOURCES_KEY)])
+        p.cached_patcher_init[0](*p.cached_patcher_init[1]) for p in resources])
     for p in m.get_additional_models_with_key(cmem.RESOURCES_KEY):
         p.model.to(META)  # the main device's copies are not on this call's device
     ran = []
