@@ -178,3 +178,23 @@ def test_unclonable_inner_control_says_what_to_do():
 
     with pytest.raises(NotImplementedError, match="cannot clone a Odd|cannot clone the Odd"):
         multigpu.clone_core_control(Odd(), OTHER, "Apply: canny #3")
+
+
+def test_t2i_adapter_inside_our_control_is_cloned():
+    """A T2I-Adapter (core's T2IAdapter, a tiny real Adapter) inside a MinimalImpactControl:
+    the clone gets its own adapter weights and the new device, as core's
+    ``T2IAdapter.deepclone_multigpu`` (0.28 L956-962) does."""
+    import comfy.t2i_adapter.adapter as adapter
+
+    torch.manual_seed(0)
+    net = adapter.Adapter(channels=[32, 64], nums_rb=1, cin=3 * 64, ksize=1, sk=True, use_conv=False, xl=False)
+    core = comfy.controlnet.T2IAdapter(net, 3, 8, "nearest-exact", device=CPU)
+    hint = torch.rand(1, 3, 64, 64)
+    ours = mi_control.MinimalImpactControl.create(core, hint, 0.8, (0.0, 1.0), label="Adapter: sketch #4")
+    clone = ours.deepclone_multigpu(OTHER, autoregister=True)
+    assert ours.get_instance_for_device(OTHER) is clone
+    assert clone.inner.device == OTHER and ours.inner.device == CPU
+    assert clone.inner.t2i_model is not ours.inner.t2i_model
+    assert clone.inner.cond_hint_original is ours.inner.cond_hint_original and clone.strength == 0.8
+    for a, b in zip(_params(ours.inner.t2i_model), _params(clone.inner.t2i_model)):
+        assert a.data_ptr() != b.data_ptr() and torch.equal(a, b)
