@@ -73,7 +73,10 @@ def _render_row(record, row: int, latent: int, latents: int, cell: int) -> torch
     cell_h, cell_w = _cell_shape(record, cell)
 
     font = ImageFont.load_default()
-    text_w, pad = 250, 4
+    pad = 4
+    # Wide enough for the longest legend entry (labels carry the node's title and file).
+    legend_texts = labels + [f"{lab} (inactive: outside its range)" for lab in inactive]
+    text_w = max([250] + [int(font.getlength(t)) + 18 + 2 * pad for t in legend_texts])
     legend_h = 16 * (len(labels) + len(inactive) + 3)
     row_h = max(cell_h, 52)  # three lines of text
     width = text_w + 2 * (cell_w + pad) + pad

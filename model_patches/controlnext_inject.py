@@ -63,10 +63,10 @@ class ControlNeXtControl:
     def patchers(self) -> tuple:
         return (self.module_patcher, self.hint_patcher)
 
-    def module_on(self, device):
-        """The managed module where ComfyUI loaded it to ``device``, else a per-device copy."""
-        m = self.module_patcher.model
-        return m if controlnext_memory.is_on(m, device) else self.weights.module(self.variant, device)
+    def module_on(self, device, base_model=None):
+        """The managed module (or its multi-GPU clone) on ``device``, else a per-device copy."""
+        m = controlnext_memory.managed_on(self.module_patcher, device, base_model)
+        return m if m is not None else self.weights.module(self.variant, device)
 
     def _trained_scale(self, learned: float | None) -> float:
         s = self.variant.fixed_scale * self.weights.trained_strength(self.variant)
@@ -99,10 +99,11 @@ class ControlNeXtControl:
         start, end = self.percent_range
         return float(model_sampling.percent_to_sigma(start)), float(model_sampling.percent_to_sigma(end))
 
-    def hint_at(self, height: int, width: int, device) -> torch.Tensor:
+    def hint_at(self, height: int, width: int, device, base_model=None) -> torch.Tensor:
         """The control image at pixel size (height, width), like core resizes hints (centre crop)."""
-        managed = self.hint_patcher.model.hint
-        if controlnext_memory.is_on(managed, device):
+        holder = controlnext_memory.managed_on(self.hint_patcher, device, base_model)
+        if holder is not None:
+            managed = holder.hint
             # Not cached: ComfyUI may move the managed hint off the device after the run.
             if managed.shape[-2:] == (height, width):
                 return managed
@@ -201,14 +202,14 @@ class ControlNeXtCall:
             scale = scale * active.to(scale)
             if not bool((scale != 0).any()):
                 continue
-            hint = control.hint_at(pixel_h, pixel_w, x.device)
+            hint = control.hint_at(pixel_h, pixel_w, x.device, base_model)
             row_hint = _hint_rows(n, per, hint.shape[0]).to(x.device)
             # One evaluation per distinct (image, timestep) among the rows that use it. fp32 holds both
             # exactly (small image indices, fp32 timesteps); float64 would fail on MPS.
             live = torch.nonzero(scale != 0).flatten()
             pairs = torch.stack([row_hint[live].to(torch.float32), timesteps[live]], dim=1)
             unique, inverse = torch.unique(pairs, dim=0, return_inverse=True)
-            module = control.module_on(x.device)
+            module = control.module_on(x.device, base_model)
             with torch.no_grad():
                 feats = module(hint[unique[:, 0].long()].to(module.dtype), unique[:, 1].to(torch.float32))
             call.module_evaluations += unique.shape[0]

@@ -17,8 +17,9 @@ the way core offers for a model's companions: ModelPatchers in the model's
 
 Both load to ComfyUI's torch device and offload to ``unet_offload_device()``,
 as core's ControlNet does (``comfy/controlnet.py`` ``ControlNet.__init__``).
-Where a call runs on a device the managed copy is not on (a direct call outside
-the sampler, another GPU), the module falls back to a per-device copy.
+Where a call runs on a device the managed copy is not on, the call looks for
+the device clone ComfyUI 0.28's multi-GPU sampling made of it, and otherwise (a
+direct call outside the sampler) uses a per-device copy.
 
 For ComfyUI 0.28's multi-GPU deep clones of additional models
 (``ModelPatcher.deepclone_multigpu`` rebuilds from ``cached_patcher_init``),
@@ -51,8 +52,9 @@ def _wrap(module: torch.nn.Module, factory, args) -> comfy.model_patcher.ModelPa
     return p
 
 
-def new_module_patcher(weights, variant) -> comfy.model_patcher.ModelPatcher:
-    """A ModelPatcher around a fresh control module for ``variant`` built from ``weights``, on the CPU."""
+def new_module_patcher(weights, variant, **_) -> comfy.model_patcher.ModelPatcher:
+    """A ModelPatcher around a fresh control module for ``variant`` built from ``weights``, on the CPU.
+    (0.28 may call a ``cached_patcher_init`` factory with keyword options; none apply here.)"""
     return _wrap(weights.build_module(variant), new_module_patcher, (weights, variant))
 
 
@@ -65,8 +67,29 @@ def module_patcher(weights, variant) -> comfy.model_patcher.ModelPatcher:
     return p
 
 
-def hint_patcher(hint: torch.Tensor) -> comfy.model_patcher.ModelPatcher:
+def hint_patcher(hint: torch.Tensor, **_) -> comfy.model_patcher.ModelPatcher:
     return _wrap(HintHolder(hint), hint_patcher, (hint,))
+
+
+def _same_init(a, b) -> bool:
+    return (a is not None and b is not None and a[0] is b[0] and len(a[1]) == len(b[1])
+            and all(x is y for x, y in zip(a[1], b[1])))
+
+
+def managed_on(patcher, device, base_model=None):
+    """``patcher``'s module where ComfyUI loaded it on ``device``; else, with multi-GPU
+    sampling (0.28), the device clone of it among the additional models of the patcher
+    sampling on that device (``base_model.current_patcher``; the clones are rebuilt from the
+    same ``cached_patcher_init``); else None."""
+    if is_on(patcher.model, device):
+        return patcher.model
+    current = getattr(base_model, "current_patcher", None)
+    if current is not None:
+        for p in current.get_additional_models_with_key(RESOURCES_KEY):
+            if _same_init(getattr(p, "cached_patcher_init", None), patcher.cached_patcher_init) \
+                    and is_on(p.model, device):
+                return p.model
+    return None
 
 
 def register(model_patcher, patchers) -> None:

@@ -20,7 +20,7 @@ from model_patches.controlnext import (
     ControlNeXtWeights,
     apply_controlnext,
 )
-from .common import node_label
+from .common import LABEL_HIDDEN, node_label
 
 CATEGORY = "conditioning/controlnext"
 EXTENSIONS = {".safetensors", ".bin", ".pth", ".pt"}
@@ -123,14 +123,15 @@ class ControlNeXtApply(io.ComfyNode):
                                       "latent, or one per latent of the batch (per video frame for SVD)."),
             ],
             outputs=[io.Model.Output()],
-            hidden=[io.Hidden.unique_id],
+            hidden=LABEL_HIDDEN,
         )
 
     @classmethod
     def execute(cls, model, controlnext, image, strength, start_percent, end_percent, combine="add_com",
                 uncond="variant default", mask=None) -> io.NodeOutput:
+        label = node_label(cls, "controlnext")
         return io.NodeOutput(apply_controlnext(model, controlnext, image, strength, start_percent, end_percent,
-                                               mask=mask, combine=combine, uncond=uncond, label=node_label(cls)))
+                                               mask=mask, combine=combine, uncond=uncond, label=label))
 
 
 NODES = [ControlNeXtLoader, ControlNeXtApply]

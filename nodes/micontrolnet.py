@@ -23,7 +23,7 @@ from model_patches.mi_control import (
     find_balance_record,
     settings_dict,
 )
-from .common import attach_controls, node_label
+from .common import LABEL_HIDDEN, attach_controls, node_label
 
 CATEGORY = "conditioning/controlnet/balanced"
 
@@ -72,13 +72,13 @@ class MIControlNetApply(io.ComfyNode):
                 io.Conditioning.Output(display_name="positive"),
                 io.Conditioning.Output(display_name="negative"),
             ],
-            hidden=[io.Hidden.unique_id],
+            hidden=LABEL_HIDDEN,
         )
 
     @classmethod
     def execute(cls, positive, negative, control_net, image, strength, start_percent, end_percent,
                 vae=None, mask=None) -> io.NodeOutput:
-        label = node_label(cls)
+        label = node_label(cls, "control_net")
         if not isinstance(control_net, comfy.controlnet.ControlBase):
             raise ValueError(f"{label}: control_net must be a CONTROL_NET from a ControlNet loader, "
                              f"got {type(control_net).__name__}.")

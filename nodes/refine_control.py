@@ -25,7 +25,7 @@ from model_patches.refine_control import (
 )
 from model_patches.refine_control_files import AUTO, load_refine_control, resolve_settings
 from model_patches.refine_control_runtime import RefineControl, sd3_control_model
-from .common import attach_controls, node_label
+from .common import LABEL_HIDDEN, attach_controls, node_label
 
 CATEGORY = "conditioning/controlnet/balanced"
 
@@ -96,14 +96,14 @@ class RefineControlInpaintApply(io.ComfyNode):
                 io.Conditioning.Output(display_name="positive"),
                 io.Conditioning.Output(display_name="negative"),
             ],
-            hidden=[io.Hidden.unique_id],
+            hidden=LABEL_HIDDEN,
         )
 
     @classmethod
     def execute(cls, positive, negative, control_net, vae, image, mask, strength, start_percent, end_percent,
                 convention=AUTO, wiring=AUTO, injection="add", max_lambda=20.0,
                 local_prompt=None) -> io.NodeOutput:
-        label = node_label(cls)
+        label = node_label(cls, "control_net")
         if not isinstance(control_net, comfy.controlnet.ControlBase):
             raise ValueError(f"{label}: control_net must be a CONTROL_NET from Load ControlNet Model, "
                              f"got {type(control_net).__name__}.")
@@ -161,7 +161,7 @@ class RefineControlLoader(io.ComfyNode):
             ),
             inputs=[io.Combo.Input("control_net_name", options=folder_paths.get_filename_list("controlnet"))],
             outputs=[io.ControlNet.Output()],
-            hidden=[io.Hidden.unique_id],
+            hidden=LABEL_HIDDEN,
         )
 
     @classmethod

@@ -14,7 +14,7 @@ from balanced_control.model_patches import controlnext as cx
 from balanced_control.model_patches import controlnext_memory as cmem
 from balanced_control.model_patches.controlnext_arch import ControlNeXtModule
 
-from test_controlnext import _patcher, sd15_model, weights_for  # noqa: F401
+from test_controlnext import sd15_model, weights_for  # noqa: F401
 
 META = torch.device("meta")
 
@@ -116,3 +116,38 @@ def test_patchers_rebuild_for_another_device(sd15_model):
         assert k == k2 and torch.equal(a, b) and a.data_ptr() != b.data_ptr()
     factory, args = control.hint_patcher.cached_patcher_init
     assert torch.equal(factory(*args).model.hint, control.hint_patcher.model.hint)
+
+
+def test_call_on_another_device_uses_that_devices_clone(sd15_model):
+    """ComfyUI 0.28's multi-GPU sampling: the model on an extra device is a patcher whose
+    additional models are rebuilt from ``cached_patcher_init``; a call there uses those, not
+    the main device's (here: moved away to ``meta``) and not an unmanaged copy. Simulated on the
+    CPU: the sampled model's ``current_patcher`` is such a device clone."""
+    from test_controlnext import run_model
+
+    w = weights_for("sd15_training", seed=34)
+    m = cx.apply_controlnext(sd15_model, w, torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(3)))
+    x, sigma = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4)), torch.tensor([2.0, 2.0])
+    expected = run_model(m, x, sigma, [1, 0])
+    assert w._modules == {}
+
+    device_clone = m.clone()
+    resources = m.get_additional_models_with_key(cmem.RESOURCES_KEY)
+    device_clone.set_additional_models(cmem.RESOURCES_KEY, [
+        p.cached_patcher_init[0](*p.cached_patcher_init[1]) for p in resources])
+    for p in m.get_additional_models_with_key(cmem.RESOURCES_KEY):
+        p.model.to(META)  # the main device's copies are not on this call's device
+    ran = []
+    rebuilt = next(p.model for p in device_clone.get_additional_models_with_key(cmem.RESOURCES_KEY)
+                   if isinstance(p.model, ControlNeXtModule))
+    handle = rebuilt.register_forward_hook(lambda mod, i, o: ran.append(mod))
+    previous = m.model.current_patcher
+    m.model.current_patcher = device_clone
+    try:
+        out = run_model(m, x, sigma, [1, 0])
+    finally:
+        m.model.current_patcher = previous
+        handle.remove()
+    assert ran == [rebuilt]
+    assert w._modules == {}
+    assert torch.equal(out, expected)

@@ -84,7 +84,7 @@ def test_inactive_controls_are_named(tiny):
     rec = mi_control.find_balance_record(p)
     labels = {lab for layer in rec.layers for lab in layer["controls"]}
     assert len(labels) == 1 and len(rec.inactive) == 1 and rec.inactive[0] not in labels
-    assert rec.inactive[0].startswith("MIControlNetApply")
+    assert rec.inactive[0].startswith("Apply ControlNet (Minimal Impact)")
 
 
 def test_one_map_per_latent_in_the_latents_aspect_ratio(tiny):

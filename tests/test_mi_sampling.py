@@ -266,7 +266,7 @@ def test_nonfinite_residual_names_control_and_layer(tiny):
     with pytest.raises(FloatingPointError) as err:
         sample(tiny["patcher"], p, n)
     msg = str(err.value)
-    assert "MIControlNetApply" in msg and "skip" in msg and "NaN or Inf" in msg
+    assert "Apply ControlNet (Minimal Impact)" in msg and "skip" in msg and "NaN or Inf" in msg
 
 
 def test_nothing_leaks_between_prompts(tiny):

@@ -3,8 +3,9 @@
 ComfyUI 0.28 clones every control of a chain per extra device and relinks the
 clones per device (``comfy/sampler_helpers.py`` ``preprocess_multigpu_conds``
 L124-163); the sampler then runs ``get_instance_for_device(device)`` on that
-device's rows. These tests do the same steps (``multigpu.relink_for_devices``)
-towards a second CPU "device" (``cpu:1``: a distinct key whose tensors live in
+device's rows. These tests run that function where the runtime has it, else
+the same steps (``multigpu.relink_for_devices``), towards a second CPU
+"device" (``cpu:1``: a distinct key whose tensors live in
 host memory) and check that the clones are independent copies that produce
 the original's result exactly, on the runtime in use (0.3.75 in CI, where
 ControlBase has no multi-GPU methods: ours are called directly).
@@ -41,6 +42,22 @@ def _control_module(control):
     return inner.control_model
 
 
+def _relink(top, patcher):
+    """Give every control of ``top``'s chain its clone for OTHER, linked per device: with
+    core's own ``preprocess_multigpu_conds`` where the runtime has it (0.28: a model with
+    one extra-device clone in its "multigpu" additional models), else the same steps."""
+    if multigpu.RUNTIME_HAS_MULTIGPU:
+        import comfy.sampler_helpers
+
+        model = patcher.clone()
+        side = patcher.clone()
+        side.load_device = OTHER
+        model.set_additional_models("multigpu", [side])
+        comfy.sampler_helpers.preprocess_multigpu_conds({"positive": [{"control": top}]}, model, {})
+    else:
+        multigpu.relink_for_devices(top, [OTHER])
+
+
 def _swap(conditioning, device):
     """The conditioning with every entry's control replaced by its clone for ``device``."""
     return [[c, {**e, "control": e["control"].get_instance_for_device(device)}] for c, e in conditioning]
@@ -71,7 +88,7 @@ def test_minimal_impact_chain_clones_per_device_and_matches(tiny):
     assert len(originals) == 2 and all(isinstance(c, mi_control.MinimalImpactControl) for c in originals)
     before = [[t.clone() for t in _params(_control_module(c))] for c in originals]
 
-    multigpu.relink_for_devices(top, [OTHER])
+    _relink(top, tiny["patcher"])
 
     clones = [c.get_instance_for_device(OTHER) for c in originals]
     for orig, clone in zip(originals, clones):
@@ -98,7 +115,7 @@ def test_minimal_impact_chain_clones_per_device_and_matches(tiny):
     assert clones[0].previous_controlnet is clones[1] and clones[1].previous_controlnet is None
     assert originals[0].previous_controlnet is originals[1]
     # A second pass (the sampler runs preprocess_multigpu_conds every prompt) reuses the clones.
-    multigpu.relink_for_devices(top, [OTHER])
+    _relink(top, tiny["patcher"])
     assert [c.get_instance_for_device(OTHER) for c in originals] == clones
 
     patcher = with_settings(tiny["patcher"], "micontrolnet")
@@ -137,7 +154,7 @@ def test_refine_control_clone_samples_the_same_image(sd3_runtime):
     pos, neg = _apply(sd3_runtime, mask, injection="add_inj (per block)")
     top = pos[0][1]["control"]
     assert isinstance(top, RefineControl)
-    multigpu.relink_for_devices(top, [OTHER])
+    _relink(top, sd3_runtime["patcher"])
     clone = top.get_instance_for_device(OTHER)
     assert isinstance(clone, RefineControl) and clone is not top
     assert (clone.wiring, clone.balanced, clone.label) == (top.wiring, top.balanced, top.label)
@@ -161,3 +178,23 @@ def test_unclonable_inner_control_says_what_to_do():
 
     with pytest.raises(NotImplementedError, match="cannot clone a Odd|cannot clone the Odd"):
         multigpu.clone_core_control(Odd(), OTHER, "Apply: canny #3")
+
+
+def test_t2i_adapter_inside_our_control_is_cloned():
+    """A T2I-Adapter (core's T2IAdapter, a tiny real Adapter) inside a MinimalImpactControl:
+    the clone gets its own adapter weights and the new device, as core's
+    ``T2IAdapter.deepclone_multigpu`` (0.28 L956-962) does."""
+    import comfy.t2i_adapter.adapter as adapter
+
+    torch.manual_seed(0)
+    net = adapter.Adapter(channels=[32, 64], nums_rb=1, cin=3 * 64, ksize=1, sk=True, use_conv=False, xl=False)
+    core = comfy.controlnet.T2IAdapter(net, 3, 8, "nearest-exact", device=CPU)
+    hint = torch.rand(1, 3, 64, 64)
+    ours = mi_control.MinimalImpactControl.create(core, hint, 0.8, (0.0, 1.0), label="Adapter: sketch #4")
+    clone = ours.deepclone_multigpu(OTHER, autoregister=True)
+    assert ours.get_instance_for_device(OTHER) is clone
+    assert clone.inner.device == OTHER and ours.inner.device == CPU
+    assert clone.inner.t2i_model is not ours.inner.t2i_model
+    assert clone.inner.cond_hint_original is ours.inner.cond_hint_original and clone.strength == 0.8
+    for a, b in zip(_params(ours.inner.t2i_model), _params(clone.inner.t2i_model)):
+        assert a.data_ptr() != b.data_ptr() and torch.equal(a, b)
