@@ -1,6 +1,7 @@
 """Per-step cost of ControlNeXt against the bare UNet and against a ControlNet.
 
     python benchmarks/bench_controlnext.py [--size 256] [--steps 3] [--repeats 3] [--small] [--full]
+        [--family sd15|sdxl] [--device cuda] [--dtype fp16|bf16|fp32]
 
 (run with the project's environment, e.g. ``BC_CACHE=... $BC_PYTHON benchmarks/bench_controlnext.py``.)
 
@@ -42,6 +43,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench_common import add_device_arguments, add_family_argument, device_and_dtype, synchronize  # noqa: E402
+from bench_common import build_model, text_conditioning, unet_config as family_config  # noqa: E402
 from headless.runtime import import_comfy  # noqa: E402
 
 
@@ -50,12 +53,15 @@ def main(argv=None):
     p.add_argument("--size", type=int, default=256, help="image side in pixels (latent = size / 8)")
     p.add_argument("--steps", type=int, default=3, help="sampling steps per timed run")
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds (minimum and median reported)")
-    p.add_argument("--small", action="store_true", help="the small two-level SD1.5-family UNet")
-    p.add_argument("--full", action="store_true", help="512x512 pixels (overrides --size)")
+    p.add_argument("--small", action="store_true", help="a small UNet of the family (SD1.5: two levels)")
+    p.add_argument("--full", action="store_true", help="the family's resolution: 512x512 pixels for SD1.5, "
+                   "1024x1024 for SDXL (overrides --size)")
+    add_family_argument(p)
+    add_device_arguments(p)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = p.parse_args(argv)
     if args.full:
-        args.size = 512
+        args.size = 1024 if args.family == "sdxl" else 512
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -71,16 +77,20 @@ def main(argv=None):
     from model_patches import controlnext as cx
     from model_patches.controlnext_arch import ControlNeXtModule
 
-    device = comfy.model_management.get_torch_device()
-    unet_config = syn.SD15_UNET_SMALL if args.small else syn.SD15_UNET
-    print(f"device {device}, torch threads {torch.get_num_threads()}, "
-          f"{'small SD1.5-family' if args.small else 'SD1.5'} UNet, {args.size}x{args.size} px, "
+    device, dtype = device_and_dtype(args)
+    if args.device == "auto":
+        device = comfy.model_management.get_torch_device()
+    unet_config = family_config(args.family, args.small)
+    family = {"sd15": "SD1.5", "sdxl": "SDXL"}[args.family]
+    print(f"device {device} {dtype}, torch threads {torch.get_num_threads()}, "
+          f"{'small ' + family + '-family' if args.small else family} UNet, {args.size}x{args.size} px, "
           f"{args.steps} steps x {args.repeats} rounds", flush=True)
 
     t0 = time.perf_counter()
-    model = syn.build_unet_model(unet_config, seed=0)
+    model = build_model(args.family, unet_config, seed=0, dtype=dtype)
     bare = comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu"))
-    control_net = comfy.controlnet.load_controlnet_state_dict(syn.controlnet_state_dict(unet_config, seed=3))
+    control_net = comfy.controlnet.load_controlnet_state_dict(syn.controlnet_state_dict(unet_config, seed=3),
+                                                              model_options={"dtype": dtype})
 
     def module_weights(layout_config, seed):
         m = ControlNeXtModule(layout_config)
@@ -92,17 +102,18 @@ def main(argv=None):
 
     g = torch.Generator().manual_seed(0)
     image = torch.rand(1, args.size, args.size, 3, generator=g)
-    cnx_320 = cx.apply_controlnext(bare, module_weights(cx.VARIANTS["sd15_training"].module_config, 1), image)
-    configs = {"bare": (bare, None), "ControlNeXt (320-ch module, after input block 3)": (cnx_320, None)}
-    if unet_config["model_channels"] * unet_config["channel_mult"][-1] == 1280:
+    variant = cx.VARIANTS["sdxl" if args.family == "sdxl" else "sd15_training"]
+    cnx_320 = cx.apply_controlnext(bare, module_weights(variant.module_config, 1), image)
+    where = "after input block 0" if args.family == "sdxl" else "after input block 3"
+    configs = {"bare": (bare, None), f"ControlNeXt (320-ch module, {where})": (cnx_320, None)}
+    if args.family == "sd15" and unet_config["model_channels"] * unet_config["channel_mult"][-1] == 1280:
         cnx_sd15 = cx.apply_controlnext(bare, module_weights(cx.VARIANTS["sd15"].module_config, 2), image)
         configs["ControlNeXt (SD1.5 released module, after middle)"] = (cnx_sd15, None)
     configs["ControlNet (core ControlNetApplyAdvanced)"] = (bare, control_net)
     print(f"built models in {time.perf_counter() - t0:.1f}s", flush=True)
 
-    context = torch.randn(1, 77, unet_config["context_dim"], generator=g)
-    positive = [[context, {}]]
-    negative = [[torch.randn(1, 77, unet_config["context_dim"], generator=g), {}]]
+    texts = [text_conditioning(args.family, unet_config, g) for _ in range(2)]
+    positive, negative = ([[c, {} if p is None else {"pooled_output": p}]] for c, p in texts)
     latent = torch.zeros(1, 4, args.size // 8, args.size // 8)
     noise = comfy.sample.prepare_noise(latent, 0)
 
@@ -120,8 +131,7 @@ def main(argv=None):
         stamps = []
 
         def callback(step, x0, x, total):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            synchronize(device)
             stamps.append(time.perf_counter())
 
         comfy.sample.sample(patcher, noise, steps + 1, 5.0, "euler", "normal", pos, neg, latent,

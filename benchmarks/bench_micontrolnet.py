@@ -1,6 +1,7 @@
 """Per-step cost of MIControlNet against ComfyUI's plain multi-ControlNet sum.
 
     python benchmarks/bench_micontrolnet.py [--small] [--latent 16] [--repeats 5]
+        [--family sd15|sdxl] [--device cuda] [--dtype fp16|bf16|fp32]
 
 (run with the project's environment: ``. scripts/bootstrap.sh`` then
 ``$BC_PYTHON benchmarks/bench_micontrolnet.py``.)
@@ -33,12 +34,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench_common import add_device_arguments, add_family_argument, device_and_dtype, synchronize  # noqa: E402
+from bench_common import build_model, text_conditioning, unet_config  # noqa: E402
 from headless.runtime import import_extension  # noqa: E402
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--small", action="store_true", help="small SD1.5-family UNet instead of the full architecture")
+    p.add_argument("--small", action="store_true", help="small UNet of the family instead of the full architecture")
+    add_family_argument(p)
+    add_device_arguments(p)
     p.add_argument("--latent", type=int, default=16, help="latent side (image side / 8)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
@@ -54,21 +59,27 @@ def main(argv=None):
     from balanced_control.nodes.micontrolnet import MIControlNetApply
     from headless import synthetic as s
 
-    config = s.SD15_UNET_SMALL if args.small else s.SD15_UNET
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
-    print(f"building {'small' if args.small else 'full'} SD1.5 UNet and two ControlNets on {device} ({dtype}) ...",
+    config = unet_config(args.family, args.small)
+    family = {"sd15": "SD1.5", "sdxl": "SDXL"}[args.family]
+    device, dtype = device_and_dtype(args)
+    print(f"building {'small' if args.small else 'full'} {family} UNet and two ControlNets on {device} ({dtype}) ...",
           flush=True)
-    model = s.build_unet_model(config, seed=0).to(device=device, dtype=dtype)
+    model = build_model(args.family, config, seed=0, dtype=dtype).to(device=device)
     cns = []
     for k in (1, 2):
-        cn = comfy.controlnet.load_controlnet_state_dict(s.controlnet_state_dict(config, seed=k))
+        cn = comfy.controlnet.load_controlnet_state_dict(s.controlnet_state_dict(config, seed=k),
+                                                         model_options={"dtype": dtype})
         cn.control_model.to(device=device, dtype=dtype)
         cns.append(cn)
 
     g = torch.Generator().manual_seed(0)
     side = args.latent
-    ctx = torch.randn(2, 77, 768, generator=g).to(device, dtype)
+    ctx, pooled = text_conditioning(args.family, config, g, rows=2)
+    ctx = ctx.to(device, dtype)
+    # SDXL's class embedding input (pooled text + size embeddings), as the model builds it.
+    y = (None if pooled is None else
+         torch.cat([model.encode_adm(pooled_output=pooled[i:i + 1], width=side * 8, height=side * 8)
+                    for i in range(2)]).to(device, dtype))
     pos, neg = [[ctx[1:], {}]], [[ctx[:1], {}]]
     images = [torch.rand(1, side * 8, side * 8, 3, generator=g) for _ in cns]
     x = torch.randn(2, 4, side, side, generator=g).to(device, dtype)
@@ -97,11 +108,10 @@ def main(argv=None):
 
     def step(control, extra):
         to = {"cond_or_uncond": [1, 0], "sigmas": sigma[:1], **extra}
-        cond = {"c_crossattn": ctx, "transformer_options": to}
+        cond = {"c_crossattn": ctx, "transformer_options": to, **({} if y is None else {"y": y})}
         c = control.get_control(x, sigma, cond, 2, to)
-        out = model.apply_model(x, sigma, c_crossattn=ctx, control=c, transformer_options=to)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        out = model.apply_model(x, sigma, c_crossattn=ctx, y=y, control=c, transformer_options=to)
+        synchronize(device)
         return out
 
     times = {name: [] for name in configs}
@@ -120,8 +130,8 @@ def main(argv=None):
             print(f"  round {r + 1}/{args.repeats}", flush=True)
 
     core_name = "core (plain sum)"
-    print(f"\nper-step time, SD1.5 {'small' if args.small else 'full'} UNet + 2 ControlNets, batch 2 (cond+uncond), "
-          f"latent {side}x{side}, {device}, {args.repeats} rounds, order rotated:")
+    print(f"\nper-step time, {family} {'small' if args.small else 'full'} UNet + 2 ControlNets, batch 2 "
+          f"(cond+uncond), latent {side}x{side}, {device} {dtype}, {args.repeats} rounds, order rotated:")
     print(f"  {'configuration':32s} {'median ms':>10s}   {'ratio to core: median':>21s} {'min-max (per round)':>20s}")
     for name, ts in times.items():
         ratios = [t / c for t, c in zip(ts, times[core_name])]

@@ -2,6 +2,9 @@
 the 23-layer SD3 inpainting teacher, side by side in one process.
 
     python benchmarks/bench_refine_control.py [--width-depth 8] [--latent 64] [--repeats 5]
+        [--device cuda] [--dtype fp16|bf16|fp32]
+
+(SD3-medium's size at 1024x1024 pixels: --width-depth 24 --latent 128.)
 
 (run with the project's environment: ``. scripts/bootstrap.sh`` then
 ``$BC_PYTHON benchmarks/bench_refine_control.py``.)
@@ -27,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench_common import add_device_arguments, device_and_dtype  # noqa: E402
 from headless.runtime import import_comfy  # noqa: E402
 
 
@@ -37,6 +41,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--teacher-layers", type=int, default=23)
     p.add_argument("--student-layers", type=int, default=12)
+    add_device_arguments(p)
     args = p.parse_args(argv)
 
     import_comfy()
@@ -50,8 +55,9 @@ def main(argv=None):
                   context_embedder_config={"target": "torch.nn.Linear",
                                            "params": {"in_features": 4096, "out_features": 64 * args.width_depth}},
                   pos_embed_max_size=max(32, args.latent // 2), num_patches=max(32, args.latent // 2) ** 2)
-    device = comfy.model_management.get_torch_device()
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    device, dtype = device_and_dtype(args)
+    if args.device == "auto":
+        device = comfy.model_management.get_torch_device()
     nets = {}
     for name, layers in (("teacher", args.teacher_layers), ("student", args.student_layers)):
         print(f"building the {layers}-layer ControlNet (width {64 * args.width_depth}) ...", flush=True)
@@ -63,7 +69,7 @@ def main(argv=None):
     med = median_controlnet_seconds(nets, side, 4096, 2048, args.repeats,
                                     on_round=lambda i: print(f"  round {i}/{args.repeats}", flush=True))
     print(f"\nControlNet time per sampling step (batch 2: cond + uncond), latent {side}x{side}, "
-          f"width {64 * args.width_depth}, {device}, median of {args.repeats}:")
+          f"width {64 * args.width_depth}, {device} {dtype}, median of {args.repeats}:")
     print(f"  teacher ({args.teacher_layers} layers) {med['teacher'] * 1000:9.1f} ms")
     print(f"  student ({args.student_layers} layers) {med['student'] * 1000:9.1f} ms")
     print(f"\nstudent / teacher time ratio: {med['student'] / med['teacher']:.3f} (target <= 0.55; "

