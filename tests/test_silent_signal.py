@@ -28,8 +28,10 @@ def test_the_tiny_pipeline_writes_every_output(tiny_run):
         assert (tiny_run / name).is_file(), name
     summary = json.loads((tiny_run / "silent_signal.json").read_text())
     names = [v.name for v in variants(with_stage2=True)]
-    assert summary["variants"] == names and summary["kinds"] == ["canny", "regions"]
-    for name in names:
+    rows = [n for n in names if n not in ("left control alone", "right control alone")]
+    rows[rows.index("sum x2") + 1:rows.index("sum x2") + 1] = ["own control alone", "other control alone"]
+    assert summary["variants"] == rows and summary["kinds"] == ["canny", "regions"]
+    for name in rows:
         for kind in ("canny", "regions"):
             cell = summary["table"][name][kind]
             for m in ("tv_texture", "tv_flat", "recall", "precision", "d_tv_texture", "d_recall"):
@@ -80,6 +82,19 @@ def test_paired_differences_are_per_image_differences_averaged_per_seed(tiny_run
         want = [d.mean(), d.std(ddof=1) / np.sqrt(len(d))]
         got = summary["table"]["MIControlNet mgda layer"]["regions"][f"d_{metric}"]
         assert np.allclose(got, want, rtol=1e-9, atol=1e-12), (metric, got, want)
+
+
+def test_one_control_rows_are_read_per_half(tiny_run):
+    """'own control alone' on the canny halves is the canny-only sample of each pairing."""
+    z = np.load(tiny_run / "run.npz")
+    run = json.loads((tiny_run / "run.json").read_text())
+    summary = json.loads((tiny_run / "silent_signal.json").read_text())
+    per_seed = {}
+    for i, r in enumerate(run["results"]):
+        alone = "left control alone" if r["pairing"].startswith("canny|") else "right control alone"
+        per_seed.setdefault(r["seed"], []).append(z[f"r{i}/m/{alone}/canny/tv_texture"])
+    want = np.mean([np.nanmean(np.concatenate(v)) for _, v in sorted(per_seed.items())])
+    assert np.isclose(summary["table"]["own control alone"]["canny"]["tv_texture"][0], want, rtol=1e-12)
 
 
 def test_replot_redraws_the_same_table_from_the_saved_run(tiny_run, tmp_path):

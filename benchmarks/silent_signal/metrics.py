@@ -100,7 +100,8 @@ def seed_mean_se(per_seed: list[float]) -> tuple[float, float]:
 def paired_difference(a: list[np.ndarray], b: list[np.ndarray]) -> tuple[float, float]:
     """Mean and SE over seeds of the per-seed mean of per-image differences a − b
     (the same images, from the same noise, under two variants)."""
-    return seed_mean_se([float(np.nanmean(x - y)) for x, y in zip(a, b)])
+    diffs = [np.asarray(x, np.float64) - np.asarray(y, np.float64) for x, y in zip(a, b)]
+    return seed_mean_se([float(d[np.isfinite(d)].mean()) if np.isfinite(d).any() else float("nan") for d in diffs])
 
 
 def gain_line_gap(gain_x: list[float], gain_y: list[float], x: float, y: float) -> float:

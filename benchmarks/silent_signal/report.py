@@ -13,17 +13,50 @@ REFERENCE = "sum x1"
 DIFF_METRICS = ("tv_texture", "tv_flat", "recall", "precision")
 
 
+OWN_ALONE = "own control alone"
+OTHER_ALONE = "other control alone"
+ALONE = {"left control alone", "right control alone"}
+
+
+def _nanmean(x: np.ndarray) -> float:
+    x = np.asarray(x, np.float64)
+    return float(x[np.isfinite(x)].mean()) if np.isfinite(x).any() else float("nan")
+
+
+def summary_variants(run: dict) -> list[str]:
+    """The run's variants, with the two one-control samples read per half: the half's own
+    control alone (the unsuppressed reference) and the other control alone (this half
+    then sees only that control's black, silent half)."""
+    out = []
+    for v in run["variants"]:
+        if v.name in ALONE:
+            if OWN_ALONE not in out:
+                out += [OWN_ALONE, OTHER_ALONE]
+        else:
+            out.append(v.name)
+    return out
+
+
+def _sampled_name(result: dict, variant: str, kind: str) -> str:
+    lk, _ = result["samples"].pairing.split("|")
+    if variant == OWN_ALONE:
+        return "left control alone" if kind == lk else "right control alone"
+    if variant == OTHER_ALONE:
+        return "right control alone" if kind == lk else "left control alone"
+    return variant
+
+
 def _per_seed(run: dict, variant: str, kind: str, metric: str) -> list[np.ndarray]:
     """Per-seed arrays of one metric on the halves of ``kind``, both pairings concatenated."""
     out = {}
     for r in run["results"]:
-        out.setdefault(r["samples"].seed, []).append(r["metrics"][variant][kind][metric])
+        out.setdefault(r["samples"].seed, []).append(r["metrics"][_sampled_name(r, variant, kind)][kind][metric])
     return [np.concatenate(v) for _, v in sorted(out.items())]
 
 
 def summarise(run: dict) -> dict:
     kinds = sorted({k for r in run["results"] for k in next(iter(r["metrics"].values()))})
-    names = [v.name for v in run["variants"]]
+    names = summary_variants(run)
     gains = [v for v in run["variants"] if v.group == "gain"]
     table = {}
     for name in names:
@@ -31,8 +64,7 @@ def summarise(run: dict) -> dict:
         for kind in kinds:
             cell = {}
             for m in METRICS:
-                cell[m] = seed_mean_se([float(np.nanmean(x)) if np.isfinite(x).any() else float("nan")
-                                        for x in _per_seed(run, name, kind, m)])
+                cell[m] = seed_mean_se([_nanmean(x) for x in _per_seed(run, name, kind, m)])
             for m in DIFF_METRICS:
                 cell[f"d_{m}"] = paired_difference(_per_seed(run, name, kind, m), _per_seed(run, REFERENCE, kind, m))
             row[kind] = cell
@@ -48,7 +80,7 @@ def summarise(run: dict) -> dict:
     for kind in kinds:
         vals = [r["target_metrics"]["target"][kind] for r in run["results"] if r.get("target_metrics")]
         if vals:
-            targets[kind] = {m: float(np.nanmean(np.concatenate([v[m] for v in vals]))) for m in METRICS}
+            targets[kind] = {m: _nanmean(np.concatenate([v[m] for v in vals])) for m in METRICS}
     paired = all(len(set(r["samples"].noise.values())) == 1 for r in run["results"])
     return {"preset": run["preset"], "device": run["device"], "seconds": run["seconds"], "kinds": kinds,
             "variants": names, "reference": REFERENCE, "table": table, "targets": targets,
@@ -72,16 +104,14 @@ def markdown(summary: dict) -> str:
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         t = summary["targets"].get(kind)
         if t:
-            lines.append(f"| *target canvases* | {t['tv_texture']:.3f} | {t['tv_flat']:.3f} | {t['recall']:.3f} | "
-                         f"{t['precision']:.3f} | {t['tv_silent']:.3f} | {t['cycle']:.3f} | | | | |")
+            lines.append("| *target canvases* | " + " | ".join(_fmt((t[m], float("nan"))) for m in METRICS)
+                         + " | | | | |")
         for name in summary["variants"]:
             c = summary["table"][name][kind]
             gap = c["recall_above_gain_line"]
             lines.append(f"| {name} | " + " | ".join(_fmt(c[m]) for m in METRICS) + " | "
                          + " | ".join(_fmt(c[f"d_{m}"]) for m in ("tv_texture", "tv_flat", "recall"))
-                         + f" | {gap:+.3f} |" if np.isfinite(gap) else
-                         f"| {name} | " + " | ".join(_fmt(c[m]) for m in METRICS) + " | "
-                         + " | ".join(_fmt(c[f"d_{m}"]) for m in ("tv_texture", "tv_flat", "recall")) + " | – |")
+                         + (f" | {gap:+.3f} |" if np.isfinite(gap) else " | – |"))
         lines.append("")
     return "\n".join(lines)
 
