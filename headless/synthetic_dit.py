@@ -75,7 +75,7 @@ FLUX_SMALL = {
 }
 
 
-def build_flux_model(config: dict = FLUX_SMALL, seed: int = 0, dtype=torch.float32):
+def build_flux_model(config: dict = FLUX_SMALL, seed: int = 0, dtype=torch.bfloat16):
     """A ComfyUI Flux BaseModel with random weights (``supported_models.Flux``)."""
     import_comfy()
     import comfy.supported_models
@@ -89,7 +89,8 @@ def build_flux_model(config: dict = FLUX_SMALL, seed: int = 0, dtype=torch.float
 
 
 def build_flux_controlnet(config: dict = FLUX_SMALL, depth: int = 1, depth_single: int = 1, seed: int = 3,
-                          latent_input: bool = True, union_modes: int = 0, residual_gain: float = 1.0):
+                          latent_input: bool = True, union_modes: int = 0, residual_gain: float = 1.0,
+                          dtype=torch.bfloat16):
     import_comfy()
     import comfy.ldm.flux.controlnet
     import comfy.ops
@@ -98,7 +99,7 @@ def build_flux_controlnet(config: dict = FLUX_SMALL, depth: int = 1, depth_singl
     cn = comfy.ldm.flux.controlnet.ControlNetFlux(
         latent_input=latent_input, num_union_modes=union_modes, control_latent_channels=16 if latent_input else None,
         depth=depth, depth_single_blocks=depth_single, out_channels=16, operations=comfy.ops.disable_weight_init,
-        device="cpu", dtype=torch.float32, **cfg)
+        device="cpu", dtype=dtype, **cfg)
     init_weights_(cn, seed)
     with torch.no_grad():
         for proj in list(cn.controlnet_blocks) + list(cn.controlnet_single_blocks):
@@ -107,12 +108,12 @@ def build_flux_controlnet(config: dict = FLUX_SMALL, depth: int = 1, depth_singl
 
 
 def flux_instantx_state_dict(config: dict = FLUX_SMALL, depth: int = 1, depth_single: int = 1, seed: int = 3,
-                             union_modes: int = 10, residual_gain: float = 1.0) -> dict:
+                             union_modes: int = 10, residual_gain: float = 1.0, dtype=torch.bfloat16) -> dict:
     """InstantX / diffusers ``FluxControlNetModel`` keys (Union: ``controlnet_mode_embedder``),
     through the inverse of ``comfy.utils.flux_to_diffusers``."""
     import comfy.utils
 
-    cn = build_flux_controlnet(config, depth, depth_single, seed, True, union_modes, residual_gain)
+    cn = build_flux_controlnet(config, depth, depth_single, seed, True, union_modes, residual_gain, dtype)
     sd = cn.state_dict()
     key_map = comfy.utils.flux_to_diffusers({"depth": depth, "depth_single_blocks": depth_single,
                                              "hidden_size": config["hidden_size"]}, output_prefix="")
@@ -147,15 +148,15 @@ def flux_instantx_state_dict(config: dict = FLUX_SMALL, depth: int = 1, depth_si
 
 
 def flux_xlabs_state_dict(config: dict = FLUX_SMALL, depth: int = 1, seed: int = 4,
-                          residual_gain: float = 1.0) -> dict:
+                          residual_gain: float = 1.0, dtype=torch.bfloat16) -> dict:
     """XLabs Flux ControlNet keys: BFL names (the module's own), image hint encoder."""
-    cn = build_flux_controlnet(config, depth, 0, seed, False, 0, residual_gain)
+    cn = build_flux_controlnet(config, depth, 0, seed, False, 0, residual_gain, dtype)
     return dict(cn.state_dict())
 
 
 # --- Qwen-Image ----------------------------------------------------------------------------
 
-def build_qwen_model(num_layers: int = 1, seed: int = 0, dtype=torch.float32):
+def build_qwen_model(num_layers: int = 1, seed: int = 0, dtype=torch.bfloat16):
     import_comfy()
     import comfy.supported_models
 
@@ -167,14 +168,15 @@ def build_qwen_model(num_layers: int = 1, seed: int = 0, dtype=torch.float32):
     return model
 
 
-def qwen_instantx_state_dict(num_layers: int = 1, seed: int = 5, residual_gain: float = 1.0) -> dict:
+def qwen_instantx_state_dict(num_layers: int = 1, seed: int = 5, residual_gain: float = 1.0,
+                             dtype=torch.bfloat16) -> dict:
     """InstantX Qwen-Image ControlNet keys (diffusers ``QwenImageControlNetModel``, unchanged)."""
     import_comfy()
     import comfy.ldm.qwen_image.controlnet
     import comfy.ops
 
     cn = comfy.ldm.qwen_image.controlnet.QwenImageControlNetModel(
-        in_channels=64, num_layers=num_layers, extra_condition_channels=0, device="cpu", dtype=torch.float32,
+        in_channels=64, num_layers=num_layers, extra_condition_channels=0, device="cpu", dtype=dtype,
         operations=comfy.ops.disable_weight_init)
     init_weights_(cn, seed)
     with torch.no_grad():

@@ -1,14 +1,16 @@
 """Render a BalanceRecord as an IMAGE for preview in the graph.
 
 One image per latent of the recorded call (its positive rows), or the one
-``batch_index`` picks. One row per UNet layer that received minimal-impact
-residuals, top to bottom in UNet order, with cells in the latent's aspect
-ratio. Each row shows:
+``batch_index`` picks. One row per UNet layer (or DiT block) that received
+minimal-impact residuals, top to bottom in model order, with cells in the
+latent's aspect ratio. A DiT block's cell is its image tokens drawn at the
+latent's patch grid (``injection.dit_sites.token_grid``): one cell pixel
+block per token, same legend as for a UNet. Each row shows:
 
 * **who dominates where**: every pixel takes the colour of the controls,
   mixed by their share of ``‖w_k·f_k‖`` there (the legend gives the colours);
   brightness is the combined magnitude, normalised per layer;
-* **control vs UNet**: the share of the injected control term in the
+* **control vs base** ("control/UNet", "control/DiT"): the share of the injected control term in the
   feature after injection, ``‖λ·f_c‖ / (‖f_e‖ + ‖λ·f_c‖)`` per pixel, black =
   the UNet feature alone, white = the control alone;
 * the numbers: each control's combination weight and the injection λ
@@ -95,7 +97,8 @@ def _render_row(record, row: int, latent: int, latents: int, cell: int) -> torch
         draw.text((pad + 18, y), f"{lab} (inactive: outside its range)",
                   fill=(150, 150, 150), font=font)
     draw.text((text_w + pad, legend_h - 16), "dominance", fill=(200, 200, 200), font=font)
-    draw.text((text_w + 2 * pad + cell_w, legend_h - 16), "control/UNet", fill=(200, 200, 200), font=font)
+    base = "UNet" if getattr(record, "site", "UNet") == "UNet" else "DiT"
+    draw.text((text_w + 2 * pad + cell_w, legend_h - 16), f"control/{base}", fill=(200, 200, 200), font=font)
 
     for li, layer in enumerate(record.layers):
         y0 = legend_h + li * (row_h + pad)

@@ -30,6 +30,16 @@ only:
    size mismatch, and stores the balance record that
    ``MIControlNetBalanceMap`` draws.
 
+DiT ControlNets (SD3/SD3.5, Flux, Qwen-Image; ``injection.dit_sites``) take
+another route in step 2: in ``vanilla`` mode the control returns core's own
+positional merge of its slots with the previous controls' (so the image is
+core's, bit for bit); otherwise its slots go to the call's ``DiTInjection``,
+which registers ``patches_replace["dit"]`` entries on the call's options and
+balances the image tokens after each block. There the feature f_e excludes
+the core ControlNets' residuals of that block: core adds them after the
+replace patch returns. HunyuanDiT ControlNets are refused (core folds their
+residual into the skip input).
+
 Nothing is stored on the model or in ComfyUI's modules, so a graph without
 these controls runs exactly as before, and nothing survives a model call.
 """

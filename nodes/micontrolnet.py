@@ -52,7 +52,10 @@ class MIControlNetApply(io.ComfyNode):
                 "Core ControlNets in the same chain keep their plain sum, and they are part of the UNet "
                 "feature f_e that add^inj balances against: λ is about 1 for a control alone, about 0.5 beside "
                 "an unrelated core ControlNet, and about 0.02 when the same ControlNet is also applied "
-                "through core. Runs where core adds its controls, before FreeU, Deep Shrink and other patches."
+                "through core. Runs where core adds its controls, before FreeU, Deep Shrink and other patches. "
+                "DiT ControlNets (SD3/SD3.5, Flux InstantX/Union/XLabs, Qwen-Image InstantX) are balanced per "
+                "transformer block on the image tokens; there core's ControlNets of the block are added after "
+                "the balancing, so f_e excludes them. HunyuanDiT ControlNets are refused (docs/dit.md)."
             ),
             inputs=[
                 io.Conditioning.Input("positive"),

@@ -26,6 +26,13 @@ from headless import synthetic_sd3 as s3
 CPU = torch.device("cpu")
 
 
+@pytest.fixture(autouse=True)
+def _no_grad():
+    """Forwards as the sampler runs them: without autograd (ComfyUI's weights require grad)."""
+    with torch.no_grad():
+        yield
+
+
 @pytest.fixture(scope="module")
 def sd3():
     model = s3.build_sd3_model()
@@ -292,3 +299,61 @@ def test_hunyuan_is_refused_with_a_reason():
     with pytest.raises(ValueError, match=r"HunyuanDiT ControlNets cannot be balanced: core folds their residual "
                                          r"into the skip input"):
         mi_control.MinimalImpactControl.create(cn, torch.zeros(1, 3, 8, 8), 1.0, (0.0, 1.0))
+
+
+def test_balance_map_draws_each_joint_block_at_the_patch_grid(sd3):
+    from balanced_control.nodes.micontrolnet import MIControlNetBalanceMap
+
+    p, n = mi_apply(sd3, sd3["pos"], sd3["neg"], sd3["cns"][0], sd3["images"][0])
+    p, n = mi_apply(sd3, p, n, sd3["cns"][1], sd3["images"][1])
+    out = sample(with_settings(sd3["patcher"], "micontrolnet", granularity="pixel"), p, n)
+    rec = mi_control.find_balance_record(p)
+    assert rec.site == "transformer" and len(rec.layers) == 3
+    for layer in rec.layers:
+        assert layer["feature_magnitude"].shape[-2:] == (4, 4)
+        assert layer["weights"][0].shape[-2:] == (4, 4)  # one weight per token in pixel granularity
+    image = MIControlNetBalanceMap.execute(p, {"samples": out}, 32).args[0]
+    assert image.ndim == 4 and image.shape[-1] == 3
+    # the controls cover the left / right halves: their colours dominate on opposite sides of a block
+    assert (image[0, ..., 0] > 0.5).any() and (image[0, ..., 1] > 0.5).any()
+
+
+def test_mask_limits_the_residual_tokens(sd3):
+    """A mask over the left half zeroes the residual tokens of the right half (2x2 patch grid)."""
+    x, sigma, context, y = batch(sd3)
+    mask = torch.zeros(1, 64, 64)
+    mask[:, :, :32] = 1.0
+    p, n = mi_apply(sd3, sd3["pos"], sd3["neg"], sd3["cns"][0], sd3["images"][0], mask=mask)
+    control = p[0][1]["control"]
+    settings = prepare(sd3, control)
+    to = {"cond_or_uncond": [1, 0], "sigmas": sigma[:1], **settings}
+    cond = {"c_crossattn": context, "y": y, "transformer_options": to}
+    control.get_control(x, sigma, cond, 2, to)
+    inj = to[mi_control.INJECTION_KEY]
+    r = inj.entries[0].lists["output"][0]
+    grid = r.view(2, 4, 4, -1)
+    assert grid[:, :, 2:].abs().max() == 0 and grid[:, :, :2].abs().max() > 0
+
+
+def test_refine_control_injection_checks_finiteness_and_records():
+    """Refine-Control's per-block add^inj is the engine's: NaN residuals are named after the forward."""
+    from balanced_control.model_patches import refine_control_runtime as rt
+
+    to = {"cond_or_uncond": [0], "sigmas": torch.tensor([0.5])}
+    inj = rt.BlockInjection.for_call(to, "token", 20.0, "RC", (1, 16, 4, 4))
+    good = torch.randn(1, 4, 8)
+    inj.add([good], to)
+    img = torch.randn(1, 4, 8)
+    out = to["patches_replace"]["dit"][("double_block", 0)]({"img": img, "txt": None},
+                                                          {"original_block": lambda a: dict(a)})
+    assert not torch.equal(out["img"], img)
+    inj.finish()
+    rec = inj.record
+    assert rec.layers[0]["layer"] == "joint block 0" and rec.layers[0]["feature_magnitude"].shape == (1, 2, 2)
+
+    to = {"cond_or_uncond": [0]}
+    inj = rt.BlockInjection.for_call(to, "layer", 20.0, "RC")
+    inj.add([torch.full((1, 4, 8), float("nan"))], to)
+    to["patches_replace"]["dit"][("double_block", 0)]({"img": img, "txt": None}, {"original_block": lambda a: dict(a)})
+    with pytest.raises(FloatingPointError, match=r"RC: its residual for transformer layer 'joint block 0'.* holds NaN or Inf"):
+        inj.finish()

@@ -204,16 +204,20 @@ class DiTInjection(BalancedInjection):
                 if r is None or (block, i) in self._slots:
                     continue
                 self._slots.add((block, i))
-                dit[(block, i)] = self._patch(block, i, key, dit.get((block, i)))
+                dit[(block, i)] = self._patch(block, i, dit.get((block, i)))
         if self.family == "flux" and any(b == "single_block" for b, _ in self._slots) \
                 and ("double_block", 0) not in self._slots:
             # The single blocks' image tokens start after the text; learn its length at double block 0.
             self._slots.add(("double_block", 0))
-            dit[("double_block", 0)] = self._patch("double_block", 0, None, dit.get(("double_block", 0)))
+            dit[("double_block", 0)] = self._patch("double_block", 0, dit.get(("double_block", 0)))
         replace["dit"] = dit
         to["patches_replace"] = replace
 
-    def _patch(self, block: str, index: int, key: str | None, previous):
+    def _patch(self, block: str, index: int, previous):
+        """The replace entry of one block: runs the block (or the entry registered
+        before ours), then injects this call's residuals of the block's slot, if any."""
+        key = next((k for k, (b, _) in SLOTS[self.family].items() if b == block), None)
+
         def patch(args, extra):
             out = previous(args, extra) if previous is not None else extra["original_block"](args)
             if block == "double_block" and out.get("txt") is not None:

@@ -50,8 +50,9 @@ class BalanceRecord:
     the call but were outside their start/end range; ``seq`` orders records.
     """
 
-    def __init__(self, settings, cond_or_uncond: list[int], sigma: float | None = None):
+    def __init__(self, settings, cond_or_uncond: list[int], sigma: float | None = None, site: str = "UNet"):
         self.settings = settings
+        self.site = site  # "UNet" or "transformer" (a DiT): what the map calls the base
         self.cond_or_uncond = list(cond_or_uncond)
         self.sigma = sigma
         self.layers: list[dict] = []
@@ -145,7 +146,7 @@ class BalancedInjection:
         # The map shows the positive rows: calls without them (an uncond-only pass) are not recorded.
         self.record: BalanceRecord | None = None
         if getattr(settings, "record_balance", False) and 0 in self.cond_or_uncond:
-            self.record = BalanceRecord(settings, self.cond_or_uncond)
+            self.record = BalanceRecord(settings, self.cond_or_uncond, site=self.site)
 
     def add(self, label: str, control_dict: dict, control) -> ControlEntry:
         # Two controls with one label would share a colour in the map.
