@@ -17,7 +17,7 @@ import comfy.sd
 import nodes as comfy_nodes
 from comfy_extras.nodes_controlnet import SetUnionControlNetType
 
-from balanced_control.model_patches import mi_control
+from model_patches import mi_control
 from balanced_control.nodes.micontrolnet import MIControlNetApply, MIControlNetSettings
 from headless import synthetic_dit as sd
 from headless import synthetic_sd3 as s3
@@ -190,7 +190,7 @@ def test_flux_controlnet_on_sd3_fails_naming_both(flux):
 def test_flux_site_slices_and_late_double_slots():
     """Single-block residuals land on img[:, txt_len:txt_len+N] (txt_len learnt at double block 0), and a
     double-block slot added after a singles-only control is still injected."""
-    from balanced_control.model_patches.injection import dit_sites
+    from model_patches.injection import dit_sites
 
     to = {"cond_or_uncond": [0]}
     settings = mi_control.BalanceSettings(mode="controlnet_star", record_balance=False)
