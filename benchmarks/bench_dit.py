@@ -55,7 +55,7 @@ def main(argv=None):
     import nodes as comfy_nodes
     from comfy_extras.nodes_controlnet import SetUnionControlNetType
 
-    from balanced_control.model_patches import mi_control
+    from model_patches import mi_control
     from balanced_control.nodes.micontrolnet import MIControlNetApply
     from headless import synthetic_dit as sd
     from headless import synthetic_sd3 as s3

@@ -10,6 +10,10 @@ A family is recognised on a loaded model by its ComfyUI model config class
 specific entries come first), and on a bare UNet or cldm ControlNet by its
 signature: the text-context width (``attn2.to_k`` input) and the class
 embedding width (``label_emb`` input, None without one).
+
+The injection sites work per architecture (``ARCHITECTURES``): a base
+diffusion module and the core ControlNet modules made for it, by class
+(``architecture_of_base``, ``architecture_of_control``).
 """
 
 from __future__ import annotations
@@ -41,6 +45,60 @@ FAMILIES: tuple[Family, ...] = (
     Family("HunyuanDiT", "dit", ("HunyuanDiT",)),
 )
 BY_NAME = {f.name: f for f in FAMILIES}
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    key: str
+    title: str  # for messages
+    base_modules: tuple[str, ...]  # classes of BaseModel.diffusion_model ("module.Class")
+    control_modules: tuple[str, ...] = ()  # classes of core's control_model for it
+
+
+ARCHITECTURES: tuple[Architecture, ...] = (
+    Architecture("sd3", "SD3/SD3.5 (MMDiT)", ("comfy.ldm.modules.diffusionmodules.mmdit.MMDiT",),
+                 ("comfy.cldm.mmdit.ControlNet", "comfy.cldm.dit_embedder.ControlNetEmbedder")),
+    Architecture("flux", "Flux", ("comfy.ldm.flux.model.Flux",), ("comfy.ldm.flux.controlnet.ControlNetFlux",)),
+    Architecture("qwen", "Qwen-Image", ("comfy.ldm.qwen_image.model.QwenImageTransformer2DModel",),
+                 ("comfy.ldm.qwen_image.controlnet.QwenImageControlNetModel",)),
+    Architecture("hunyuan", "HunyuanDiT", ("comfy.ldm.hydit.models.HunYuanDiT",),
+                 ("comfy.ldm.hydit.controlnet.HunYuanControlNet",)),
+    Architecture("unet", "UNet (SD1.5/SDXL)", ("comfy.ldm.modules.diffusionmodules.openaimodel.UNetModel",)),
+)
+ARCHITECTURE_TITLES = {a.key: a.title for a in ARCHITECTURES}
+
+
+def _classes(paths: tuple[str, ...]) -> tuple[type, ...]:
+    import importlib
+
+    out = []
+    for path in paths:
+        module, _, name = path.rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module), name, None)
+        except ImportError:  # a ComfyUI without this architecture
+            cls = None
+        if cls is not None:
+            out.append(cls)
+    return tuple(out)
+
+
+def architecture_of_base(diffusion_model) -> str | None:
+    """The architecture key of a base diffusion model (``BaseModel.diffusion_model``), or None."""
+    for arch in ARCHITECTURES:
+        classes = _classes(arch.base_modules)
+        if classes and isinstance(diffusion_model, classes):
+            return arch.key
+    return None
+
+
+def architecture_of_control(control_model) -> str | None:
+    """The architecture key of a core control model (a DiT ControlNet), or None."""
+    for arch in ARCHITECTURES:
+        classes = _classes(arch.control_modules)
+        if classes and isinstance(control_model, classes):
+            return arch.key
+    return None
 
 
 def family_of(model) -> Family | None:

@@ -17,7 +17,7 @@ import comfy.sd
 import nodes as comfy_nodes
 from comfy_extras.nodes_controlnet import SetUnionControlNetType
 
-from balanced_control.model_patches import mi_control
+from model_patches import mi_control
 from balanced_control.nodes.micontrolnet import MIControlNetApply, MIControlNetSettings
 from headless import synthetic_dit as sd
 from headless import synthetic_sd3 as s3
@@ -185,3 +185,25 @@ def test_flux_controlnet_on_sd3_fails_naming_both(flux):
     with pytest.raises(ValueError, match=r"this is a Flux ControlNet \(ControlNetFlux, width 3072.*the model is "
                                          r"SD3/SD3.5 \(MMDiT\) \(OpenAISignatureMMDITWrapper"):
         p[0][1]["control"].pre_run(base, base.model_sampling.percent_to_sigma)
+
+
+def test_flux_site_slices_and_late_double_slots():
+    """Single-block residuals land on img[:, txt_len:txt_len+N] (txt_len learnt at double block 0), and a
+    double-block slot added after a singles-only control is still injected."""
+    from model_patches.injection import dit_sites
+
+    to = {"cond_or_uncond": [0]}
+    settings = mi_control.BalanceSettings(mode="controlnet_star", record_balance=False)
+    inj = dit_sites.DiTInjection(settings, to, "flux", latent_shape=(1, 16, 4, 4))
+    g = torch.Generator().manual_seed(0)
+    r_single, r_double = torch.randn(1, 4, 8, generator=g), torch.randn(1, 4, 8, generator=g)
+    inj.add("singles only", {"input": [None], "output": [r_single]}, None)
+    inj.add("doubles", {"input": [r_double], "output": []}, None)
+    img, txt = torch.randn(1, 4, 8, generator=g), torch.randn(1, 3, 8, generator=g)
+    dit = to["patches_replace"]["dit"]
+    out = dit[("double_block", 0)]({"img": img, "txt": txt}, {"original_block": lambda a: dict(a)})
+    assert torch.equal(out["img"], img + r_double)
+    stream = torch.cat([txt, img], 1)
+    out = dit[("single_block", 0)]({"img": stream, "transformer_options": {}}, {"original_block": lambda a: dict(a)})
+    assert torch.equal(out["img"][:, :3], txt) and torch.equal(out["img"][:, 3:], img + r_single)
+    inj.finish()

@@ -11,7 +11,7 @@ import torch
 
 import comfy.controlnet
 
-from balanced_control.model_patches import mi_control
+from model_patches import mi_control
 from headless import synthetic_dit as sd
 
 from test_dit_flux import _recording, ref_combine, ref_inject

@@ -337,7 +337,7 @@ def test_mask_limits_the_residual_tokens(sd3):
 
 def test_refine_control_injection_checks_finiteness_and_records():
     """Refine-Control's per-block add^inj is the engine's: NaN residuals are named after the forward."""
-    from balanced_control.model_patches import refine_control_runtime as rt
+    from model_patches import refine_control_runtime as rt
 
     to = {"cond_or_uncond": [0], "sigmas": torch.tensor([0.5])}
     inj = rt.BlockInjection.for_call(to, "token", 20.0, "RC", (1, 16, 4, 4))

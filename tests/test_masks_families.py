@@ -77,3 +77,35 @@ def test_unet_signature_table_and_controlnext_and_micontrolnet_read_it():
     assert controlnext_files.model_family(m) == families.family_name(m) == "SDXL"
     assert mi_control.describe_unet_family is not None
     assert mi_control.describe_unet_family(torch.nn.Linear(2, 2)) == families.describe_unet(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("base, control, key", [
+    ("comfy.ldm.modules.diffusionmodules.mmdit.MMDiT", "comfy.cldm.mmdit.ControlNet", "sd3"),
+    ("comfy.ldm.flux.model.Flux", "comfy.ldm.flux.controlnet.ControlNetFlux", "flux"),
+    ("comfy.ldm.qwen_image.model.QwenImageTransformer2DModel",
+     "comfy.ldm.qwen_image.controlnet.QwenImageControlNetModel", "qwen"),
+    ("comfy.ldm.hydit.models.HunYuanDiT", "comfy.ldm.hydit.controlnet.HunYuanControlNet", "hunyuan"),
+])
+def test_architecture_table_names_core_bases_and_their_controlnets(base, control, key):
+    """The DiT sites' family checks read the table: ComfyUI's own classes (instances made
+    without running their constructors: only the class matters)."""
+    import importlib
+
+    from model_patches.injection import dit_sites
+
+    def blank(path):
+        module, _, name = path.rpartition(".")
+        cls = getattr(importlib.import_module(module), name)
+        return cls.__new__(cls)
+
+    assert families.architecture_of_base(blank(base)) == key == dit_sites.base_family(blank(base))
+    assert families.architecture_of_control(blank(control)) == key == dit_sites.control_family(blank(control))
+    assert families.architecture_of_control(blank(base)) is None
+    assert dit_sites.FAMILY_NAMES[key] == families.ARCHITECTURE_TITLES[key]
+
+
+def test_unet_is_an_architecture_without_dit_controlnets():
+    import comfy.ldm.modules.diffusionmodules.openaimodel as om
+
+    assert families.architecture_of_base(om.UNetModel.__new__(om.UNetModel)) == "unet"
+    assert families.architecture_of_base(torch.nn.Linear(2, 2)) is None

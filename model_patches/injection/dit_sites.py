@@ -40,6 +40,7 @@ import torch
 
 import comfy.patcher_extension
 
+from ..families import ARCHITECTURE_TITLES, architecture_of_base, architecture_of_control
 from .engine import BalancedInjection
 from .unet_sites import INJECTION_KEY, WRAPPER_KEY
 
@@ -49,51 +50,20 @@ SLOTS = {
     "flux": {"input": ("double_block", "double block"), "output": ("single_block", "single block")},
     "qwen": {"input": ("double_block", "block")},
 }
-FAMILY_NAMES = {"sd3": "SD3/SD3.5 (MMDiT)", "flux": "Flux", "qwen": "Qwen-Image", "hunyuan": "HunyuanDiT",
-                "unet": "UNet (SD1.5/SDXL)"}
+FAMILY_NAMES = ARCHITECTURE_TITLES  # the family table (model_patches/families.py)
 
 
 def control_family(control_model) -> str | None:
-    """The DiT family of a core control model, or None for a non-DiT one."""
-    import comfy.cldm.dit_embedder
-    import comfy.cldm.mmdit
-    import comfy.ldm.flux.controlnet
-    import comfy.ldm.hydit.controlnet
-    import comfy.ldm.qwen_image.controlnet
-
+    """The DiT family of a core control model, or None for a non-DiT one (families.py)."""
     inner = getattr(control_model, "inner", None)  # RefineControl's LayerMappedControlNet
-    if inner is not None and isinstance(inner, comfy.cldm.mmdit.ControlNet):
+    if inner is not None and architecture_of_control(inner) == "sd3":
         return "sd3"
-    if isinstance(control_model, (comfy.cldm.mmdit.ControlNet, comfy.cldm.dit_embedder.ControlNetEmbedder)):
-        return "sd3"
-    if isinstance(control_model, comfy.ldm.flux.controlnet.ControlNetFlux):
-        return "flux"
-    if isinstance(control_model, comfy.ldm.qwen_image.controlnet.QwenImageControlNetModel):
-        return "qwen"
-    if isinstance(control_model, comfy.ldm.hydit.controlnet.HunYuanControlNet):
-        return "hunyuan"
-    return None
+    return architecture_of_control(control_model)
 
 
 def base_family(diffusion_model) -> str | None:
-    """The family of a base diffusion model (``BaseModel.diffusion_model``), or None if unknown."""
-    import comfy.ldm.flux.model
-    import comfy.ldm.hydit.models
-    import comfy.ldm.modules.diffusionmodules.mmdit
-    import comfy.ldm.modules.diffusionmodules.openaimodel
-    import comfy.ldm.qwen_image.model
-
-    if isinstance(diffusion_model, comfy.ldm.modules.diffusionmodules.mmdit.MMDiT):
-        return "sd3"
-    if isinstance(diffusion_model, comfy.ldm.flux.model.Flux):
-        return "flux"
-    if isinstance(diffusion_model, comfy.ldm.qwen_image.model.QwenImageTransformer2DModel):
-        return "qwen"
-    if isinstance(diffusion_model, comfy.ldm.hydit.models.HunYuanDiT):
-        return "hunyuan"
-    if isinstance(diffusion_model, comfy.ldm.modules.diffusionmodules.openaimodel.UNetModel):
-        return "unet"
-    return None
+    """The family of a base diffusion model (``BaseModel.diffusion_model``), or None if unknown (families.py)."""
+    return architecture_of_base(diffusion_model)
 
 
 def describe_module(module) -> str:
@@ -204,16 +174,20 @@ class DiTInjection(BalancedInjection):
                 if r is None or (block, i) in self._slots:
                     continue
                 self._slots.add((block, i))
-                dit[(block, i)] = self._patch(block, i, key, dit.get((block, i)))
+                dit[(block, i)] = self._patch(block, i, dit.get((block, i)))
         if self.family == "flux" and any(b == "single_block" for b, _ in self._slots) \
                 and ("double_block", 0) not in self._slots:
             # The single blocks' image tokens start after the text; learn its length at double block 0.
             self._slots.add(("double_block", 0))
-            dit[("double_block", 0)] = self._patch("double_block", 0, None, dit.get(("double_block", 0)))
+            dit[("double_block", 0)] = self._patch("double_block", 0, dit.get(("double_block", 0)))
         replace["dit"] = dit
         to["patches_replace"] = replace
 
-    def _patch(self, block: str, index: int, key: str | None, previous):
+    def _patch(self, block: str, index: int, previous):
+        """The replace entry of one block: runs the block (or the entry registered
+        before ours), then injects this call's residuals of the block's slot, if any."""
+        key = next((k for k, (b, _) in SLOTS[self.family].items() if b == block), None)
+
         def patch(args, extra):
             out = previous(args, extra) if previous is not None else extra["original_block"](args)
             if block == "double_block" and out.get("txt") is not None:
