@@ -67,7 +67,7 @@ from .injection.settings import (  # noqa: F401  (re-exported for the nodes and 
 )
 from .injection.dit_sites import (
     check_dit_control_fits, control_family, core_merge, describe_module, dit_injection_for_call, token_grid)
-from .injection.unet_sites import INJECTION_KEY, WRAPPER_KEY, UNetInjection
+from .injection.unet_sites import INJECTION_KEY, WRAPPER_KEY, UNetInjection  # noqa: F401
 
 log = logging.getLogger(__name__)
 
