@@ -68,9 +68,7 @@ def control_family(control_model) -> str | None:
         return "sd3"
     if isinstance(control_model, comfy.ldm.flux.controlnet.ControlNetFlux):
         return "flux"
-    qwen = (comfy.ldm.qwen_image.controlnet.QwenImageControlNetModel,)
-    fun = getattr(comfy.ldm.qwen_image.controlnet, "QwenImageFunControlNetModel", None)  # ComfyUI 0.28 only
-    if isinstance(control_model, qwen + ((fun,) if fun is not None else ())):
+    if isinstance(control_model, comfy.ldm.qwen_image.controlnet.QwenImageControlNetModel):
         return "qwen"
     if isinstance(control_model, comfy.ldm.hydit.controlnet.HunYuanControlNet):
         return "hunyuan"
