@@ -10,11 +10,11 @@ import torch
 import comfy.model_management as mm
 import comfy.sample
 
-from balanced_control.model_patches import controlnext as cx
-from balanced_control.model_patches import controlnext_memory as cmem
-from balanced_control.model_patches.controlnext_arch import ControlNeXtModule
+# model_patches as the nodes and the other tests import it (one copy per process).
+from test_controlnext import cx, sd15_model, weights_for  # noqa: F401
 
-from test_controlnext import sd15_model, weights_for  # noqa: F401
+cmem = cx.controlnext_memory
+ControlNeXtModule = cx.ControlNeXtModule
 
 META = torch.device("meta")
 

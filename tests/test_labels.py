@@ -19,7 +19,6 @@ from PIL import Image
 
 from comfy_api.latest import io
 
-from balanced_control.model_patches import mi_control
 from balanced_control.nodes.common import display_name, loaded_file, node_label
 from balanced_control.nodes.controlnext import ControlNeXtApply
 from balanced_control.nodes.micontrolnet import MIControlNetApply, MIControlNetBalanceMap
@@ -28,7 +27,7 @@ from headless.runtime import REPO
 from headless.server import ComfyServer, copy_model
 
 from controlnext_reference import synthetic_state_dict
-from test_mi_sampling import sample, tiny, with_settings  # noqa: F401
+from test_mi_sampling import mi_control, sample, tiny, with_settings  # noqa: F401
 
 API_EXAMPLE = REPO / "example_workflows" / "api" / "micontrolnet_two_controls.json"
 UI_EXAMPLE = REPO / "example_workflows" / "micontrolnet_two_controls.json"
