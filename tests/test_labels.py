@@ -76,6 +76,22 @@ def test_title_file_and_fallbacks():
     assert display_name(ControlNeXtApply) == "Apply ControlNeXt"
 
 
+def test_title_inside_a_subgraph():
+    """A node in a subgraph runs as ``outer:inner``; its title is in the subgraph's definition."""
+    workflow = {"nodes": [{"id": 12, "type": "a1b2-subgraph", "title": "My ControlNet group"}],
+                "definitions": {"subgraphs": [{"id": "a1b2-subgraph", "nodes": [
+                    {"id": 3, "type": "MIControlNetApply", "title": "Canny inside the group"}]}]}}
+    prompt = {"12:3": {"class_type": "MIControlNetApply", "_meta": {"title": "Apply ControlNet (Minimal Impact)"},
+                       "inputs": {"control_net": ["12:1", 0]}},
+              "12:1": {"class_type": "ControlNetLoader", "inputs": {"control_net_name": "canny.safetensors"}}}
+    run = _as_run(MIControlNetApply, "12:3", prompt, workflow)
+    assert node_label(run, "control_net") == "Canny inside the group #12:3 (canny)"
+    # An id the workflow does not hold: the prompt's title.
+    prompt["12:4"] = dict(prompt["12:3"], _meta={"title": "From the prompt"})
+    assert node_label(_as_run(MIControlNetApply, "12:4", prompt, workflow), "control_net") == \
+        "From the prompt #12:4 (canny)"
+
+
 def test_file_is_followed_through_pass_through_nodes():
     prompt = {
         "1": {"class_type": "ControlNetLoader", "inputs": {"control_net_name": "sub/union_promax.safetensors"}},
