@@ -112,6 +112,8 @@ def same_device(a: torch.device, b: torch.device) -> bool:
 
 
 def is_on(t: torch.Tensor | torch.nn.Module, device) -> bool:
+    """Whether ``t`` (every parameter of a module: a partial low-VRAM load may leave some of a
+    plain torch module's layers on the offload device) is on ``device``."""
     if isinstance(t, torch.nn.Module):
-        t = next(t.parameters())
+        return all(same_device(p.device, device) for p in t.parameters())
     return same_device(t.device, device)

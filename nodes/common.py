@@ -38,15 +38,27 @@ def display_name(cls) -> str:
 
 
 def _workflow_title(extra_pnginfo, uid) -> str | None:
+    """The node's title in the saved workflow. Inside a subgraph the id is the path of
+    node ids (``"12:3"``): each outer node's ``type`` names the subgraph definition
+    (``workflow["definitions"]["subgraphs"]``) holding the next one."""
     workflow = extra_pnginfo.get("workflow") if isinstance(extra_pnginfo, dict) else None
-    nodes = workflow.get("nodes") if isinstance(workflow, dict) else None
-    if uid is None or not isinstance(nodes, list):
+    if uid is None or not isinstance(workflow, dict):
         return None
-    for node in nodes:
-        if isinstance(node, dict) and str(node.get("id")) == str(uid):
-            title = node.get("title")
-            return title if isinstance(title, str) and title.strip() else None
-    return None
+    definitions = (workflow.get("definitions") or {}).get("subgraphs") or []
+    subgraphs = {d.get("id"): d for d in definitions if isinstance(d, dict)}
+    nodes = workflow.get("nodes")
+    node = None
+    for i, part in enumerate(str(uid).split(":")):
+        if i:
+            sub = subgraphs.get(node.get("type"))
+            nodes = sub.get("nodes") if isinstance(sub, dict) else None
+        if not isinstance(nodes, list):
+            return None
+        node = next((n for n in nodes if isinstance(n, dict) and str(n.get("id")) == part), None)
+        if node is None:
+            return None
+    title = node.get("title")
+    return title if isinstance(title, str) and title.strip() else None
 
 
 def _prompt_title(prompt, uid) -> str | None:

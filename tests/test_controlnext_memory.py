@@ -10,11 +10,11 @@ import torch
 import comfy.model_management as mm
 import comfy.sample
 
-from balanced_control.model_patches import controlnext as cx
-from balanced_control.model_patches import controlnext_memory as cmem
-from balanced_control.model_patches.controlnext_arch import ControlNeXtModule
+# model_patches as the nodes and the other tests import it (one copy per process).
+from test_controlnext import cx, sd15_model, weights_for  # noqa: F401
 
-from test_controlnext import sd15_model, weights_for  # noqa: F401
+cmem = cx.controlnext_memory
+ControlNeXtModule = cx.ControlNeXtModule
 
 META = torch.device("meta")
 
@@ -151,3 +151,18 @@ def test_call_on_another_device_uses_that_devices_clone(sd15_model):
     assert ran == [rebuilt]
     assert w._modules == {}
     assert torch.equal(out, expected)
+
+
+
+def test_partly_loaded_module_is_not_used_half_on_the_device(sd15_model):
+    """A module with one layer left elsewhere (as a partial low-VRAM load can leave a plain
+    torch module) does not count as on the device: the call takes a whole copy."""
+    w = weights_for("sd15_training", seed=35)
+    m = cx.apply_controlnext(sd15_model, w, torch.rand(1, 64, 64, 3))
+    control = m.model_options["transformer_options"][cx.STACK_KEY].controls[-1]
+    module = control.module_patcher.model
+    cpu = torch.device("cpu")
+    assert cmem.is_on(module, cpu) and control.module_on(cpu) is module
+    module.mid_convs[1].to(META)
+    assert not cmem.is_on(module, cpu)
+    assert control.module_on(cpu) is w._modules[(control.variant.module_config.name, "cpu")]

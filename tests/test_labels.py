@@ -19,7 +19,6 @@ from PIL import Image
 
 from comfy_api.latest import io
 
-from balanced_control.model_patches import mi_control
 from balanced_control.nodes.common import display_name, loaded_file, node_label
 from balanced_control.nodes.controlnext import ControlNeXtApply
 from balanced_control.nodes.micontrolnet import MIControlNetApply, MIControlNetBalanceMap
@@ -28,7 +27,7 @@ from headless.runtime import REPO
 from headless.server import ComfyServer, copy_model
 
 from controlnext_reference import synthetic_state_dict
-from test_mi_sampling import sample, tiny, with_settings  # noqa: F401
+from test_mi_sampling import mi_control, sample, tiny, with_settings  # noqa: F401
 
 API_EXAMPLE = REPO / "example_workflows" / "api" / "micontrolnet_two_controls.json"
 UI_EXAMPLE = REPO / "example_workflows" / "micontrolnet_two_controls.json"
@@ -75,6 +74,22 @@ def test_title_file_and_fallbacks():
     assert node_label(MIControlNetApply, "control_net") == display_name(MIControlNetApply) == \
         "Apply ControlNet (Minimal Impact)"
     assert display_name(ControlNeXtApply) == "Apply ControlNeXt"
+
+
+def test_title_inside_a_subgraph():
+    """A node in a subgraph runs as ``outer:inner``; its title is in the subgraph's definition."""
+    workflow = {"nodes": [{"id": 12, "type": "a1b2-subgraph", "title": "My ControlNet group"}],
+                "definitions": {"subgraphs": [{"id": "a1b2-subgraph", "nodes": [
+                    {"id": 3, "type": "MIControlNetApply", "title": "Canny inside the group"}]}]}}
+    prompt = {"12:3": {"class_type": "MIControlNetApply", "_meta": {"title": "Apply ControlNet (Minimal Impact)"},
+                       "inputs": {"control_net": ["12:1", 0]}},
+              "12:1": {"class_type": "ControlNetLoader", "inputs": {"control_net_name": "canny.safetensors"}}}
+    run = _as_run(MIControlNetApply, "12:3", prompt, workflow)
+    assert node_label(run, "control_net") == "Canny inside the group #12:3 (canny)"
+    # An id the workflow does not hold: the prompt's title.
+    prompt["12:4"] = dict(prompt["12:3"], _meta={"title": "From the prompt"})
+    assert node_label(_as_run(MIControlNetApply, "12:4", prompt, workflow), "control_net") == \
+        "From the prompt #12:4 (canny)"
 
 
 def test_file_is_followed_through_pass_through_nodes():

@@ -19,11 +19,13 @@ import torch
 import comfy.controlnet
 import comfy.sample
 
-from balanced_control.model_patches import mi_control, multigpu
-from balanced_control.model_patches.refine_control_runtime import RefineControl
+from balanced_control.nodes.refine_control import RefineControl
 
-from test_mi_sampling import mi_apply, prepare, sample, tiny, with_settings  # noqa: F401
+# model_patches as the nodes and the other tests import it (one copy per process).
+from test_mi_sampling import mi_apply, mi_control, prepare, sample, tiny, with_settings  # noqa: F401
 from refine_control_common import _apply, _sample, sd3_runtime  # noqa: F401
+
+multigpu = mi_control.multigpu
 
 OTHER = torch.device("cpu", 1)
 CPU = torch.device("cpu")
