@@ -82,11 +82,11 @@ def tradeoff_plot(summary: dict, run: dict, path: Path, w: int = 560, h: int = 4
         x0, x1 = x0 - 0.08 * (x1 - x0 + 1e-6), x1 + 0.08 * (x1 - x0 + 1e-6)
         y0, y1 = y0 - 0.08 * (y1 - y0 + 1e-6), y1 + 0.08 * (y1 - y0 + 1e-6)
 
-        def X(v):
-            return ox + left + (v - x0) / (x1 - x0) * (w - left - right)
+        def X(v):  # error bars are clipped to the panel
+            return ox + left + (min(max(v, x0), x1) - x0) / (x1 - x0) * (w - left - right)
 
         def Y(v):
-            return h - bottom - (v - y0) / (y1 - y0) * (h - top - bottom)
+            return h - bottom - (min(max(v, y0), y1) - y0) / (y1 - y0) * (h - top - bottom)
 
         d.rectangle([X(x0), Y(y1), X(x1), Y(y0)], outline="black")
         for k in range(5):
@@ -122,6 +122,6 @@ def tradeoff_plot(summary: dict, run: dict, path: Path, w: int = 560, h: int = 4
         y = 36 + 16 * i
         d.rectangle([lx + 7, y, lx + 13, y + 6], fill=c)
         d.text((lx + 26, y - 3), n, fill="black")
-    d.text((lx, 40 + 16 * len(others)), "bars: ± SE over network seeds", fill="black")
+    d.text((lx, 40 + 16 * len(others)), "bars: ± SE over network seeds (clipped to the panel)", fill="black")
     img.save(path)
     return path

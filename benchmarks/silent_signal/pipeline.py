@@ -26,10 +26,10 @@ class Preset:
     cn_steps: int = 400          # plain-add ControlNet from the UNet
     ft_steps: int = 200          # each fine-tune from it (rebalanced plain add, add^inj per convention)
     s2_steps: int = 60           # stage 2 (L_QC) after the mgda add^inj fine-tune; 0 = none
-    cn_batch: int = 16
+    cn_batch: int = 8
     qc_weight: float = 0.01
     seeds: int = 3               # ControlNet seeds (each trained network)
-    sample_steps: int = 20
+    sample_steps: int = 12
     rebalance_prob: float = 0.5
 
 
