@@ -69,7 +69,7 @@ from .injection.settings import (  # noqa: F401  (re-exported for the nodes and 
 )
 from .injection.dit_sites import (
     check_dit_control_fits, control_family, core_merge, describe_module, dit_injection_for_call, token_grid)
-from .injection.unet_sites import INJECTION_KEY, WRAPPER_KEY, UNetInjection
+from .injection.unet_sites import INJECTION_KEY, WRAPPER_KEY, UNetInjection  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +215,9 @@ class MinimalImpactControl(WrappedControl):
         own, control_prev = self.run_chain(x_noisy, t, cond, batched_number, transformer_options)
         stats = self.run_stats
         stats.calls += 1
-        stats.record_balance = BalanceSettings.from_transformer_options(transformer_options).record_balance
+        run_settings = BalanceSettings.from_transformer_options(transformer_options)
+        stats.record_balance = run_settings.record_balance
+        stats.dit_vanilla = run_settings.mode == "vanilla" and self.dit_family is not None
         if own is not None:
             stats.active_calls += 1
             if 0 in transformer_options.get("cond_or_uncond", [0]):
@@ -316,6 +318,7 @@ class _RunStats:
     active_calls: int = 0
     positive_active_calls: int = 0
     record_balance: bool | None = None
+    dit_vanilla: bool = False
 
 
 def _minimal_impact_controls(conditioning: list) -> list["MinimalImpactControl"]:
@@ -346,6 +349,9 @@ def explain_missing_record(conditioning: list) -> str:
     if all(c.run_stats.calls == 0 for c in controls):
         return ("its minimal-impact controls were never called by a sampler: give this conditioning to the "
                 "sampler, and the sampler's LATENT output to 'samples' so that this node runs after it.")
+    if any(c.run_stats.dit_vanilla for c in controls):
+        return ("mode is vanilla on a DiT model: the controls take core's own path there, which records no "
+                "balance. Pick micontrolnet or controlnet_star in MIControlNetSettings to see the map.")
     if any(c.run_stats.record_balance is False for c in controls):
         return "record_balance is off in MIControlNetSettings on the sampled model; turn it on."
     if all(c.run_stats.active_calls == 0 for c in controls):

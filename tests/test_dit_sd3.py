@@ -357,3 +357,10 @@ def test_refine_control_injection_checks_finiteness_and_records():
     to["patches_replace"]["dit"][("double_block", 0)]({"img": img, "txt": None}, {"original_block": lambda a: dict(a)})
     with pytest.raises(FloatingPointError, match=r"RC: its residual for transformer layer 'joint block 0'.* holds NaN or Inf"):
         inj.finish()
+
+
+def test_balance_map_after_vanilla_on_a_dit_says_why_there_is_none(sd3):
+    p, n = mi_apply(sd3, sd3["pos"], sd3["neg"], sd3["cns"][0], sd3["images"][0])
+    sample(with_settings(sd3["patcher"], "vanilla"), p, n, steps=1)
+    assert mi_control.find_balance_record(p) is None
+    assert "mode is vanilla on a DiT model" in mi_control.explain_missing_record(p)
