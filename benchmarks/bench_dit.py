@@ -10,7 +10,7 @@ chain evaluated for it, as ComfyUI's sampler makes it per CFG step. The base is
 ComfyUI's Flux class at its fixed width 3072 (``--double`` / ``--single``
 blocks), the controls are two ControlNets in the released layouts (InstantX
 Union with one double and one single block, XLabs with one double block),
-loaded by ComfyUI's loader, all in bf16 on the CPU (fp16 on CUDA). Timed in
+loaded by ComfyUI's loader, all in bf16 on the CPU (fp16 on CUDA; ``--dtype``). Timed in
 one process, interleaved, with the order of the configurations rotated every
 round:
 
@@ -45,6 +45,8 @@ def main(argv=None):
     p.add_argument("--single", type=int, default=1, help="single blocks of the base")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    p.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="weights and compute (auto: fp16 on CUDA, bf16 on the CPU)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -61,7 +63,8 @@ def main(argv=None):
     from headless import synthetic_sd3 as s3
 
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(
+        args.dtype, torch.float16 if device.type == "cuda" else torch.bfloat16)
     config = dict(sd.FLUX_SMALL, depth=args.double, depth_single_blocks=args.single)
     print(f"building Flux ({args.double} double, {args.single} single blocks, width 3072) and two ControlNets "
           f"on {device} ({dtype}) ...", flush=True)
