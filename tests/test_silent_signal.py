@@ -123,3 +123,12 @@ def test_half_conditions_silence_the_other_half():
     a, b = half_conditions(left, right)
     assert (a[:, :, :4] == 1).all() and (a[:, :, 4:] == 0).all()
     assert (b[:, :, :4] == 0).all() and (b[:, :, 4:] == 0.5).all()
+
+
+def test_bad_options_stop_with_a_message(tmp_path, capsys):
+    assert cli.main(["--preset", "tiny", "--seeds", "1", "--output", str(tmp_path)]) == 2
+    assert "at least 2" in capsys.readouterr().err
+    import torch
+    if not torch.cuda.is_available():
+        assert cli.main(["--preset", "tiny", "--device", "cuda", "--output", str(tmp_path)]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
