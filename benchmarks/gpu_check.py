@@ -45,13 +45,13 @@ def stages(dry: bool, work: Path) -> list[tuple[str, list[str], int]]:
           ["--small", "--latent", "8", "--repeats", "1"], 60)
     bench("MIControlNet SDXL 1024px bf16", "bench_micontrolnet.py",
           ["--family", "sdxl", "--latent", "128", "--dtype", "bf16", "--repeats", "5"],
-          ["--small", "--family", "sdxl", "--latent", "8", "--repeats", "1", "--dtype", "bf16"], 90)
+          ["--small", "--family", "sdxl", "--latent", "8", "--repeats", "1", "--dtype", "bf16"], 150)
     bench("ControlNeXt SD1.5 512px fp16", "bench_controlnext.py",
           ["--family", "sd15", "--full", "--dtype", "fp16", "--steps", "5", "--repeats", "3"],
           ["--small", "--size", "64", "--steps", "1", "--repeats", "1"], 60)
     bench("ControlNeXt SDXL 1024px bf16", "bench_controlnext.py",
           ["--family", "sdxl", "--full", "--dtype", "bf16", "--steps", "5", "--repeats", "3"],
-          ["--small", "--family", "sdxl", "--size", "64", "--steps", "1", "--repeats", "1", "--dtype", "bf16"], 90)
+          ["--small", "--family", "sdxl", "--size", "64", "--steps", "1", "--repeats", "1", "--dtype", "bf16"], 150)
     bench("Refine-Control SD3 medium-width 1024px bf16", "bench_refine_control.py",
           ["--width-depth", "24", "--latent", "128", "--dtype", "bf16", "--repeats", "5"],
           ["--width-depth", "2", "--latent", "16", "--teacher-layers", "4", "--student-layers", "2",
