@@ -126,8 +126,8 @@ def build(name: str):
                                                  1.0, 0.0, 1.0, None, None).args
         patcher = MIControlNetSettings.execute(patcher, "micontrolnet", "layer", 20.0, False).args[0]
     elif name == "controlnext":
-        from balanced_control.model_patches import controlnext as cx
-        from balanced_control.model_patches.controlnext_arch import ControlNeXtModule
+        from model_patches import controlnext as cx
+        from model_patches.controlnext_arch import ControlNeXtModule
 
         module = ControlNeXtModule(cx.VARIANTS["sd15_training"].module_config)
         s.init_weights_(module, 1)

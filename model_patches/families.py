@@ -58,7 +58,9 @@ class Architecture:
 ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture("sd3", "SD3/SD3.5 (MMDiT)", ("comfy.ldm.modules.diffusionmodules.mmdit.MMDiT",),
                  ("comfy.cldm.mmdit.ControlNet", "comfy.cldm.dit_embedder.ControlNetEmbedder")),
-    Architecture("flux", "Flux", ("comfy.ldm.flux.model.Flux",), ("comfy.ldm.flux.controlnet.ControlNetFlux",)),
+    # Chroma runs Flux ControlNets through the same slots (comfy/ldm/chroma/model.py:191-259).
+    Architecture("flux", "Flux", ("comfy.ldm.flux.model.Flux", "comfy.ldm.chroma.model.Chroma"),
+                 ("comfy.ldm.flux.controlnet.ControlNetFlux",)),
     Architecture("qwen", "Qwen-Image", ("comfy.ldm.qwen_image.model.QwenImageTransformer2DModel",),
                  ("comfy.ldm.qwen_image.controlnet.QwenImageControlNetModel",)),
     Architecture("hunyuan", "HunyuanDiT", ("comfy.ldm.hydit.models.HunYuanDiT",),

@@ -56,7 +56,7 @@ import comfy.utils
 
 from .balance import reduction_memory_bytes
 from . import multigpu
-from .families import describe_unet
+from .families import ARCHITECTURE_TITLES, architecture_of_base, describe_unet
 from .masks import mask_for_rows
 from .injection.engine import INACTIVE_KEY, BalanceRecord  # noqa: F401
 from .injection.settings import (  # noqa: F401  (re-exported for the nodes and tests)
@@ -261,8 +261,12 @@ class MinimalImpactControl(WrappedControl):
         our block patch)."""
         if self.mask is not None:
             masked = {}  # slots share tensors: mask each once
-            own = {k: [None if r is None else masked.setdefault(id(r), self._apply_token_mask(
-                r, latent_shape, batched_number)) for r in v] for k, v in own.items()}
+
+            def once(r):
+                if id(r) not in masked:
+                    masked[id(r)] = self._apply_token_mask(r, latent_shape, batched_number)
+                return masked[id(r)]
+            own = {k: [None if r is None else once(r) for r in v] for k, v in own.items()}
         settings = BalanceSettings.from_transformer_options(transformer_options)
         if settings.mode == "vanilla":
             return core_merge(own, control_prev)
@@ -302,6 +306,16 @@ class MinimalImpactControl(WrappedControl):
             check_dit_control_fits(family, unet, self.inner.control_model, self.label)
             self._model_text = describe_module(unet)
         else:
+            unet = getattr(model, "diffusion_model", None)
+            arch = architecture_of_base(unet)
+            if unet is not None and arch != "unet":
+                # Not a DiT ControlNet we can place (e.g. 0.28's Qwen-Image "Fun" ControlNet, a T2I-Adapter)
+                # on a model without the UNet's injection points: refuse rather than leave it unused.
+                raise ValueError(
+                    f"{self.label}: this control ({type(getattr(self.inner, 'control_model', self.inner)).__name__}"
+                    f") cannot be balanced on this model ({ARCHITECTURE_TITLES.get(arch, type(unet).__name__)}): "
+                    f"MIControlNetApply balances UNet controls on SD1.5/SDXL-family models and the DiT ControlNets "
+                    f"of SD3/SD3.5, Flux and Qwen-Image (docs/dit.md). Use core's Apply ControlNet for it.")
             check_control_fits_model(self.inner, model, self.label)
 
     def inference_memory_requirements(self, dtype):

@@ -153,6 +153,7 @@ def test_vanilla_equals_core_chain_bit_for_bit(sd3, which):
     residuals reached no MMDiT block and the image was neither core's nor balanced)."""
     a, b = sd3["cns"][0], (sd3["cns"][1] if which == "two_sd3" else sd3["cn35"])
     left, right = sd3["images"]
+    plain_before = sample(sd3["patcher"], sd3["pos"], sd3["neg"])
     p, n = core_apply(sd3, sd3["pos"], sd3["neg"], a, left, 0.9)
     p, n = core_apply(sd3, p, n, b, right, 1.2)
     core = sample(sd3["patcher"], p, n)
@@ -162,9 +163,8 @@ def test_vanilla_equals_core_chain_bit_for_bit(sd3, which):
     assert torch.equal(ours, core)
     balanced = sample(with_settings(sd3["patcher"], "micontrolnet"), p, n)
     assert torch.isfinite(balanced).all() and not torch.allclose(balanced, core, atol=1e-4)
-    # nothing leaks: a graph without our nodes afterwards equals core without controls, run first
-    plain_after = sample(sd3["patcher"], sd3["pos"], sd3["neg"])
-    assert torch.equal(plain_after, sample(sd3["patcher"], sd3["pos"], sd3["neg"]))
+    # nothing leaks: a graph without our nodes afterwards equals the same graph run before ours
+    assert torch.equal(sample(sd3["patcher"], sd3["pos"], sd3["neg"]), plain_before)
     assert not sd3["patcher"].model_options.get("transformer_options", {}).get("patches_replace")
 
 
@@ -272,6 +272,18 @@ def test_wrong_base_fails_in_pre_run_naming_both(sd3):
     with pytest.raises(ValueError, match=r"SD3/SD3.5 \(MMDiT\) ControlNet \(ControlNet, width 256.*"
                                          r"the model is UNet \(SD1.5/SDXL\) \(UNetModel"):
         p[0][1]["control"].pre_run(unet, unet.model_sampling.percent_to_sigma)
+
+
+def test_a_control_without_a_dit_site_is_refused_on_a_dit_model(sd3):
+    """A UNet ControlNet (or any control the DiT sites cannot place, e.g. ComfyUI 0.28's
+    Qwen-Image "Fun" ControlNet) on an SD3 model fails in pre_run instead of being left unused."""
+    from headless import synthetic as s
+
+    unet_cn = comfy.controlnet.load_controlnet_state_dict(s.controlnet_state_dict(s.TINY_SD15_UNET, seed=5))
+    p, n = mi_apply(sd3, sd3["pos"], sd3["neg"], unet_cn, sd3["images"][0])
+    with pytest.raises(ValueError, match=r"this control \(ControlNet\) cannot be balanced on this model "
+                                         r"\(SD3/SD3.5 \(MMDiT\)\).*Use core's Apply ControlNet"):
+        p[0][1]["control"].pre_run(sd3["model"], sd3["model"].model_sampling.percent_to_sigma)
 
 
 def test_residual_that_does_not_fit_fails_at_the_first_step(sd3):
