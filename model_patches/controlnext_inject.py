@@ -10,6 +10,12 @@ Cross Normalization per row against the UNet feature, pooled, scaled by the
 variant's strength rule per row (cond / uncond), masked per latent row,
 combined with the other ControlNeXt controls of that place (add^com by
 default, or a plain sum) and added to the feature.
+
+The combination, the addition, the finiteness checks and their one device
+read per model call are the shared engine's (``injection.engine``), with the
+rules (``add_com`` | ``sum``, ``add``) that ``ControlNeXtApply``'s
+``combine`` input chooses: ControlNeXt adds its residual once, as the
+official UNet does, so add^inj does not apply to it.
 """
 
 from __future__ import annotations
@@ -22,10 +28,11 @@ import torch
 
 import comfy.utils
 
-from .balance import add_com
 from . import controlnext_memory
 from .controlnext_arch import cross_normalize
 from .controlnext_files import ControlNeXtWeights, Variant
+from .injection.engine import BalancedInjection, ControlEntry
+from .injection.settings import BalanceSettings
 from .masks import mask_at, mask_index_per_row, normalise_mask
 from .unet_patches import prepend_patches
 
@@ -170,20 +177,58 @@ class _Prepared:
     row_mask: torch.Tensor | None  # (N,) mask index per row, None without a mask
 
 
+class ControlNeXtEngine(BalancedInjection):
+    """The shared engine with ControlNeXt's rules: (``add_com`` | ``sum``, ``add``), no balance record."""
+
+    site = "UNet"
+    name = "ControlNeXt"
+
+    def __init__(self, combine: str, transformer_options: dict | None = None):
+        if combine not in COMBINE_MODES:
+            raise ValueError(f"ControlNeXt: combine must be one of {COMBINE_MODES}, got {combine!r}")
+        settings = BalanceSettings(mode="controlnet_star" if combine == "add_com" else "vanilla",
+                                   record_balance=False)
+        super().__init__(settings, transformer_options if transformer_options is not None else {},
+                         rules=(combine, "add"))
+
+    def nonfinite_message(self, kind, label, layer, checks, read) -> str:
+        if kind == "residual":
+            return (f"{label}: its residual for UNet layer '{layer}' holds NaN or Inf: check the control image "
+                    f"(NaN pixels, e.g. from a preprocessor) and the ControlNeXt file and its dtype, or lower the "
+                    f"strength.")
+        if kind != "injection":
+            return super().nonfinite_message(kind, label, layer, checks, read)
+        strengths = ", ".join(f"{e.label} strength {e.strength:g}" for e in self.entries)
+        return (f"ControlNeXt: adding the control at UNet layer '{layer}' made the feature NaN or Inf although "
+                f"the feature and the control were finite ({strengths}): the sum overflowed in the feature's "
+                f"dtype. Lower the strength, or run the model in fp32 or bf16.")
+
+
 class ControlNeXtCall:
     """The module outputs of one model call, and the injection of them."""
 
-    def __init__(self, combine: str, injection_blocks: dict):
+    def __init__(self, combine: str, injection_blocks: dict, transformer_options: dict | None = None):
         self.combine = combine
         self.injection_blocks = injection_blocks  # injection name -> input block id
         self.points: dict[str, list[_Prepared]] = {}
         self.module_evaluations = 0  # rows the modules ran on (for tests and benchmarks)
+        self.engine = ControlNeXtEngine(combine, transformer_options)
+        self._entries: dict[int, ControlEntry] = {}
+
+    def _entry(self, control) -> ControlEntry:
+        """The engine's entry of one applied control (one per control and call)."""
+        e = self._entries.get(id(control))
+        if e is None:
+            label = getattr(control, "label", "ControlNeXt")
+            e = self._entries[id(control)] = ControlEntry(label, {}, control)
+            self.engine.entries.append(e)
+        return e
 
     @classmethod
     def prepare(cls, stack: ControlNeXtStack, base_model, x: torch.Tensor, sigma: torch.Tensor,
                 transformer_options: dict) -> "ControlNeXtCall":
         unet = base_model.diffusion_model
-        call = cls(stack.combine, injection_block_ids(unet))
+        call = cls(stack.combine, injection_block_ids(unet), transformer_options)
         model_sampling = base_model.model_sampling
         n = x.shape[0]
         cond_or_uncond = transformer_options.get("cond_or_uncond") or [0]
@@ -232,14 +277,12 @@ class ControlNeXtCall:
             if p.row_mask is not None:
                 m = p.control.mask_at(r.shape[-2], r.shape[-1], r.device)
                 r = r * m.index_select(0, p.row_mask)
-            residuals.append(r)
-        if len(residuals) == 1:
-            combined = residuals[0]
-        elif self.combine == "sum":
-            combined = torch.stack(residuals).sum(0)
-        else:
-            combined = add_com(residuals)
-        return h + combined.to(h.dtype)
+            residuals.append((self._entry(p.control), r))
+        return self.engine.inject_items(h, residuals, point)
+
+    def finish(self) -> None:
+        """After the UNet forward: the engine's one device read of the finiteness checks."""
+        self.engine.finish()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -302,15 +345,19 @@ def apply_model_wrapper(executor, *args, **kwargs):
     if stack is None or not stack.controls:
         return executor(*args, **kwargs)
     x, sigma = args[0], args[1]
-    call = ControlNeXtCall.prepare(stack, executor.class_obj, x, sigma, transformer_options)
     # A per-call copy: the sampler's dict may be reused, and the call must end here.
     transformer_options = dict(transformer_options)
+    call = ControlNeXtCall.prepare(stack, executor.class_obj, x, sigma, transformer_options)
     transformer_options[CALL_KEY] = call
     if len(args) > 5:
         args[5] = transformer_options
     else:
         kwargs["transformer_options"] = transformer_options
-    return executor(*args, **kwargs)
+    if isinstance(x, torch.Tensor):
+        call.engine.check("latent", None, "UNet input", x, first=True)
+    out = executor(*args, **kwargs)
+    call.finish()
+    return out
 
 
 def input_block_patch_after_skip(h, transformer_options):

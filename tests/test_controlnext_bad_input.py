@@ -130,3 +130,21 @@ def test_bad_mask_message_names_what_was_found(sd15_model):
     w = weights_for("sd15_training", seed=13)
     with pytest.raises(ValueError, match=r"MASK shaped \(B, H, W\) or \(H, W\), got a tensor shaped \(1, 1, 8, 8\)"):
         cx.apply_controlnext(sd15_model, w, torch.rand(1, 64, 64, 3), mask=torch.ones(1, 1, 8, 8))
+
+
+def test_nonfinite_control_is_named_after_the_forward(sd15_model):
+    """The shared engine checks ControlNeXt's residuals too: a control image holding NaN fails
+    after the model call naming the control and the layer (one device read per call), instead of
+    returning a NaN image."""
+    from controlnext_common import run_model
+
+    w = weights_for("sd15_training", seed=14)
+    image = torch.rand(1, 64, 64, 3)
+    image[0, 10, 10, 0] = float("nan")
+    m = cx.apply_controlnext(sd15_model, w, image, 1.0, label="Canny NaN #4")
+    x = torch.randn(2, 4, 8, 8)
+    sigma = torch.tensor([1.0, 1.0])
+    with pytest.raises(FloatingPointError, match=r"Canny NaN #4: its residual for UNet layer 'level0' holds NaN or Inf: check the control image"):
+        run_model(m, x, sigma, [1, 0])
+    clean = cx.apply_controlnext(sd15_model, w, torch.rand(1, 64, 64, 3), 1.0, label="clean")
+    assert torch.isfinite(run_model(clean, x, sigma, [1, 0])).all()
