@@ -19,7 +19,7 @@ from training.__main__ import SUBCOMMANDS, parse_args
 from training.conventions import lr_at
 
 from refine_control_common import _dataset, _files
-from test_training import write_dataset
+from test_training_data import write_dataset
 from training_subprocess import remove_checkpoints, run_training, training_command
 
 TRAINERS = ("micontrolnet", "controlnext", "refine-control")
