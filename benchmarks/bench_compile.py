@@ -1,7 +1,7 @@
 """Our graphs under core's TorchCompileModel node: the compiled sample against
 the uncompiled one, and how often torch.compile recompiles.
 
-    python benchmarks/bench_compile.py [--steps 10] [--configs bare,micontrolnet,controlnext,refine-control]
+    python benchmarks/bench_compile.py [--steps 10] [--configs bare,micontrolnet,micontrolnet-sd3,controlnext,refine-control]
         [--backend inductor] [--json FILE]
 
 Each configuration is sampled uncompiled, then through
@@ -42,7 +42,7 @@ sys.path.insert(0, str(REPO))
 
 from headless.runtime import comfyui_path, import_extension  # noqa: E402
 
-CONFIGS = ("bare", "micontrolnet", "controlnext", "refine-control")
+CONFIGS = ("bare", "micontrolnet", "micontrolnet-sd3", "controlnext", "refine-control")
 OURS = re.compile(r'File "([^"]*/(?:model_patches|nodes)/[^"]+)", line (\d+)')
 
 
@@ -90,6 +90,26 @@ def build(name: str):
 
     cpu = torch.device("cpu")
     g = torch.Generator().manual_seed(0)
+    if name == "micontrolnet-sd3":
+        # Two SD3 ControlNets balanced per joint block (the DiT site: per-call patches_replace["dit"]).
+        import comfy.sd
+
+        from balanced_control.nodes.micontrolnet import MIControlNetApply, MIControlNetSettings
+        from headless import synthetic_sd3 as s3
+
+        model = s3.build_sd3_model()
+        patcher = comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+        vae = comfy.sd.VAE(sd={k[len("first_stage_model."):]: v for k, v in s3.sd3_vae_state_dict().items()})
+        pos = [[torch.randn(1, 7, 4096, generator=g), {"pooled_output": torch.randn(1, 2048, generator=g)}]]
+        neg = [[torch.zeros(1, 7, 4096), {"pooled_output": torch.zeros(1, 2048)}]]
+        image = torch.rand(1, 32, 32, 3, generator=g)
+        for seed in (31, 32):
+            cn = comfy.controlnet.load_controlnet_state_dict(
+                s3.sd3_controlnet_state_dict(num_blocks=2, latent_channels=16, seed=seed, residual_gain=3.0))
+            pos, neg = MIControlNetApply.execute(pos, neg, cn, image.flip(2) if seed == 32 else image,
+                                                 1.0, 0.0, 1.0, vae, None).args
+        patcher = MIControlNetSettings.execute(patcher, "micontrolnet", "layer", 20.0, False).args[0]
+        return patcher, pos, neg, torch.zeros(1, 16, 4, 4)
     if name == "refine-control":
         import comfy.sd
 

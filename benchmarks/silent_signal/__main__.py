@@ -55,9 +55,10 @@ def main(argv=None) -> int:
         sys.path.insert(0, str(REPO))
     import torch
 
-    from training.runtime import extension
+    from training.runtime import nodes, setup_comfy
 
-    extension()
+    setup_comfy()
+    nodes()  # the extension package, for the node classes the sampling runs (sampling.py)
     from . import figures, report
     from .pipeline import PRESETS, run
 
