@@ -31,7 +31,7 @@ import comfy.utils
 from . import controlnext_memory
 from .controlnext_arch import cross_normalize
 from .controlnext_files import ControlNeXtWeights, Variant
-from .injection.engine import BalancedInjection, ControlEntry
+from .injection.engine import BalancedInjection, ControlEntry, unique_label
 from .injection.settings import BalanceSettings
 from .masks import mask_at, mask_index_per_row, normalise_mask
 from .unet_patches import prepend_patches
@@ -170,11 +170,16 @@ def _hint_rows(n_rows: int, per: int, n_images: int) -> torch.Tensor:
 
 @dataclasses.dataclass
 class _Prepared:
-    control: ControlNeXtControl
+    """One control's module outputs at one injection place in one call. ``control`` is
+    the applied control (its mask), or None for features computed by a trainer."""
+    variant: Variant
+    label: str
+    control: ControlNeXtControl | None
     features: torch.Tensor  # (U, C, h, w): one module output per distinct (hint, timestep)
     row_feature: torch.Tensor  # (N,) index into features per row
     row_scale: torch.Tensor  # (N,) fp32: strength rule, range, uncond
     row_mask: torch.Tensor | None  # (N,) mask index per row, None without a mask
+    entry: ControlEntry | None = None  # the engine's entry, made when prepared (outside a compiled forward)
 
 
 class ControlNeXtEngine(BalancedInjection):
@@ -213,16 +218,15 @@ class ControlNeXtCall:
         self.points: dict[str, list[_Prepared]] = {}
         self.module_evaluations = 0  # rows the modules ran on (for tests and benchmarks)
         self.engine = ControlNeXtEngine(combine, transformer_options)
-        self._entries: dict[int, ControlEntry] = {}
 
-    def _entry(self, control) -> ControlEntry:
-        """The engine's entry of one applied control (one per control and call)."""
-        e = self._entries.get(id(control))
-        if e is None:
-            label = getattr(control, "label", "ControlNeXt")
-            e = self._entries[id(control)] = ControlEntry(label, {}, control)
-            self.engine.entries.append(e)
-        return e
+    def add(self, p: "_Prepared") -> None:
+        """Queue one control's prepared outputs at its injection place, with its engine entry.
+
+        Made here, before the UNet forward: inside a compiled forward a lookup by
+        object id would make torch.compile guard on the id and recompile every call."""
+        p.entry = ControlEntry(unique_label(p.label, {e.label for e in self.engine.entries}), {}, p.control)
+        self.engine.entries.append(p.entry)
+        self.points.setdefault(p.variant.injection, []).append(p)
 
     @classmethod
     def prepare(cls, stack: ControlNeXtStack, base_model, x: torch.Tensor, sigma: torch.Tensor,
@@ -261,8 +265,7 @@ class ControlNeXtCall:
             row_feature = torch.zeros(n, dtype=torch.long, device=x.device)
             row_feature[live] = inverse
             row_mask = None if control.mask is None else control.mask_rows(n, per).to(x.device)
-            call.points.setdefault(control.variant.injection, []).append(
-                _Prepared(control, feats, row_feature, scale, row_mask))
+            call.add(_Prepared(control.variant, control.label, control, feats, row_feature, scale, row_mask))
         return call
 
     def inject(self, point: str, h: torch.Tensor) -> torch.Tensor:
@@ -272,26 +275,17 @@ class ControlNeXtCall:
         residuals = []
         for p in prepared:
             c = p.features.index_select(0, p.row_feature)
-            r = cross_normalize(h, c, p.control.variant.eps, p.control.variant.normalize_before_pool)
+            r = cross_normalize(h, c, p.variant.eps, p.variant.normalize_before_pool)
             r = r * p.row_scale.view(-1, *([1] * (r.ndim - 1)))
             if p.row_mask is not None:
                 m = p.control.mask_at(r.shape[-2], r.shape[-1], r.device)
                 r = r * m.index_select(0, p.row_mask)
-            residuals.append((self._entry(p.control), r))
+            residuals.append((p.entry, r))
         return self.engine.inject_items(h, residuals, point)
 
     def finish(self) -> None:
         """After the UNet forward: the engine's one device read of the finiteness checks."""
         self.engine.finish()
-
-
-@dataclasses.dataclass(frozen=True)
-class _TrainedFeatureSource:
-    """What ``ControlNeXtCall.inject`` reads of a control (variant, mask) for
-    features computed by the caller."""
-
-    variant: Variant
-    mask: torch.Tensor | None = None
 
 
 def training_call(unet, variant: Variant, features: torch.Tensor, strength: float = 1.0) -> ControlNeXtCall:
@@ -302,7 +296,7 @@ def training_call(unet, variant: Variant, features: torch.Tensor, strength: floa
     call = ControlNeXtCall("sum", injection_block_ids(unet))
     rows = torch.arange(n, device=features.device)
     scale = torch.full((n,), float(strength) * variant.fixed_scale, dtype=torch.float32, device=features.device)
-    call.points[variant.injection] = [_Prepared(_TrainedFeatureSource(variant), features, rows, scale, None)]
+    call.add(_Prepared(variant, "ControlNeXt (training)", None, features, rows, scale, None))
     return call
 
 

@@ -17,7 +17,8 @@ from comfy_extras.nodes_model_downscale import PatchModelAddDownscale
 from comfy_extras.nodes_pag import PerturbedAttentionGuidance
 from comfy_extras.nodes_sag import SelfAttentionGuidance
 
-from model_patches import mi_control, mi_injection
+from model_patches import mi_control
+from model_patches.injection import unet_sites
 from model_patches.injection import engine
 from model_patches.unet_patches import HAS_MIDDLE_BLOCK_AFTER_PATCH
 
@@ -72,7 +73,7 @@ def test_our_patches_run_first_and_others_stay(tiny):
     x, sigma, context = batch_inputs(tiny)
     to["sigmas"] = sigma[:1]
     control.get_control(x, sigma, {"c_crossattn": context}, 2, to)
-    inj = to[mi_injection.INJECTION_KEY]
+    inj = to[unet_sites.INJECTION_KEY]
     assert to["patches"]["output_block_patch"] == [inj.output_block_patch, freeu_patch]
     assert to["patches"]["input_block_patch"][0] == inj.input_block_patch
     if HAS_MIDDLE_BLOCK_AFTER_PATCH:
@@ -110,7 +111,7 @@ def test_deep_shrink_skips_resized_residuals_with_one_warning_per_call(tiny, cap
 
 
 def test_channel_mismatch_keeps_the_family_error(tiny):
-    inj = mi_injection.BalancedInjection(mi_control.BalanceSettings(mode="vanilla", record_balance=False),
+    inj = unet_sites.UNetInjection(mi_control.BalanceSettings(mode="vanilla", record_balance=False),
                                          {"cond_or_uncond": [0]})
     inj.add("cn", {"output": [torch.zeros(1, 32, 4, 4)]}, None)
     with pytest.raises(ValueError, match="made for another base model"):
@@ -120,7 +121,7 @@ def test_channel_mismatch_keeps_the_family_error(tiny):
 def test_hsp_none_and_middle_block_after_patch(tiny, caplog):
     """ComfyUI 0.28's protocol: middle_block_after_patch gets a dict; an output_block_patch
     before ours may have returned hsp=None (its skip merged into h)."""
-    inj = mi_injection.BalancedInjection(mi_control.BalanceSettings(mode="vanilla", record_balance=False),
+    inj = unet_sites.UNetInjection(mi_control.BalanceSettings(mode="vanilla", record_balance=False),
                                          {"cond_or_uncond": [0]})
     middle, skip0, skip1 = torch.randn(1, 8, 2, 2), torch.randn(1, 4, 4, 4), torch.randn(1, 4, 4, 4)
     inj.add("cn", {"middle": [middle], "output": [skip1, skip0]}, None)
@@ -140,7 +141,7 @@ def test_hsp_none_and_middle_block_after_patch(tiny, caplog):
 
 def test_t2i_adapter_none_entries_do_not_warn(tiny, caplog):
     """SDXL T2I-Adapters give 10 'input' entries for 9 blocks, the last None: no warning."""
-    inj = mi_injection.BalancedInjection(mi_control.BalanceSettings(mode="vanilla", record_balance=False),
+    inj = unet_sites.UNetInjection(mi_control.BalanceSettings(mode="vanilla", record_balance=False),
                                          {"cond_or_uncond": [0]})
     r = torch.randn(1, 4, 4, 4)
     inj.add("t2i", {"input": [None, r]}, None)  # popped from the end: r goes to input block 0
@@ -148,7 +149,7 @@ def test_t2i_adapter_none_entries_do_not_warn(tiny, caplog):
     with caplog.at_level(logging.WARNING):
         inj.finish()
     assert not [rec for rec in caplog.records if "more layers than the model" in rec.getMessage()]
-    inj2 = mi_injection.BalancedInjection(mi_control.BalanceSettings(mode="vanilla", record_balance=False),
+    inj2 = unet_sites.UNetInjection(mi_control.BalanceSettings(mode="vanilla", record_balance=False),
                                           {"cond_or_uncond": [0]})
     inj2.add("cn", {"input": [r, r]}, None)
     inj2.input_block_patch(torch.zeros(1, 4, 4, 4), {"block": ("input", 0)})
@@ -188,7 +189,7 @@ def test_vanilla_arithmetic_is_cores_with_mixed_dtypes():
     feature = (torch.randn(2, 8, 4, 4, generator=g) * 30).to(torch.float16)
     r1, r2 = torch.randn(2, 8, 4, 4, generator=g) * 7, torch.randn(1, 8, 4, 4, generator=g) * 7
     core = apply_control(feature.clone(), {"output": [r1 + r2]}, "output")
-    inj = mi_injection.BalancedInjection(mi_control.BalanceSettings(mode="vanilla", record_balance=False),
+    inj = unet_sites.UNetInjection(mi_control.BalanceSettings(mode="vanilla", record_balance=False),
                                          {"cond_or_uncond": [1, 0]})
     inj.add("a", {"output": [r1]}, None)
     inj.add("b", {"output": [r2]}, None)

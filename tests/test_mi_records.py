@@ -12,7 +12,8 @@ from comfy_extras.nodes_freelunch import FreeU_V2
 from comfy_extras.nodes_pag import PerturbedAttentionGuidance
 from comfy_extras.nodes_sag import SelfAttentionGuidance
 
-from model_patches import balance, mi_control, mi_injection
+from model_patches import balance, mi_control
+from model_patches.injection import unet_sites
 from model_patches.balance_map import _cell_shape, render_balance_map
 from balanced_control.nodes.micontrolnet import MIControlNetBalanceMap, MIControlNetSettings
 
@@ -133,7 +134,7 @@ def _control(strength):
 
 def test_fp16_injection_overflow_names_strength_and_max_lambda():
     settings = mi_control.BalanceSettings(mode="micontrolnet", max_lambda=1000.0, record_balance=False)
-    inj = mi_injection.BalancedInjection(settings, {"cond_or_uncond": [0]})
+    inj = unet_sites.UNetInjection(settings, {"cond_or_uncond": [0]})
     feature = torch.full((1, 4, 2, 2), 1.0, dtype=torch.float16)
     inj.add("strong", {"output": [torch.full((1, 4, 2, 2), 200.0, dtype=torch.float16)]}, _control(3.0))
     out = inj._inject(feature, "output", "output 0 skip")
@@ -145,7 +146,7 @@ def test_fp16_injection_overflow_names_strength_and_max_lambda():
 
 
 def test_nonfinite_latent_is_reported_as_an_earlier_step():
-    inj = mi_injection.BalancedInjection(mi_control.BalanceSettings(record_balance=False), {"cond_or_uncond": [0]})
+    inj = unet_sites.UNetInjection(mi_control.BalanceSettings(record_balance=False), {"cond_or_uncond": [0]})
     x = torch.full((1, 4, 2, 2), float("nan"))
     with pytest.raises(FloatingPointError, match="latent entering the UNet already holds NaN"):
         inj.diffusion_model_wrapper(lambda *a, **k: a[0], x)
@@ -178,7 +179,7 @@ def test_reduction_memory_is_counted(tiny):
 def _injected(scaling, strength, r, feature):
     settings = mi_control.BalanceSettings(mode="micontrolnet", max_lambda=1000.0, strength_scaling=scaling,
                                           record_balance=False)
-    inj = mi_injection.BalancedInjection(settings, {"cond_or_uncond": [0]})
+    inj = unet_sites.UNetInjection(settings, {"cond_or_uncond": [0]})
     inj.add("c", {"output": [strength * r]}, _control(strength))
     return inj._inject(feature, "output", "output 0 skip") - feature
 
@@ -200,7 +201,7 @@ def test_linear_strength_scaling_keeps_the_weights_of_strength_one():
 
     def weights(scaling, sa):
         settings = mi_control.BalanceSettings(mode="micontrolnet", strength_scaling=scaling)
-        inj = mi_injection.BalancedInjection(settings, {"cond_or_uncond": [0]})
+        inj = unet_sites.UNetInjection(settings, {"cond_or_uncond": [0]})
         inj.add("a", {"output": [sa * a]}, _control(sa))
         inj.add("b", {"output": [b]}, _control(1.0))
         inj._inject(feature, "output", "output 0 skip")
@@ -232,7 +233,7 @@ def test_same_sigma_main_pass_replaces_and_guidance_pass_keeps():
     records = []
     for labels in ([1, 0], [1, 0], [0]):
         to = {"cond_or_uncond": labels, "sigmas": torch.tensor([0.5])}
-        inj = mi_injection.BalancedInjection(mi_control.BalanceSettings(mode="vanilla"), to)
+        inj = unet_sites.UNetInjection(mi_control.BalanceSettings(mode="vanilla"), to)
         rows = len(labels)
         inj.add("c", {"output": [torch.randn(rows, 4, 2, 2)]}, control)
         inj._inject(torch.randn(rows, 4, 2, 2), "output", "output 0 skip")

@@ -16,7 +16,7 @@ import pytest
 
 from headless.runtime import REPO
 
-CONFIGS = ("micontrolnet", "controlnext", "refine-control")
+CONFIGS = ("micontrolnet", "micontrolnet-sd3", "controlnext", "refine-control")
 
 
 @pytest.fixture(scope="module")
