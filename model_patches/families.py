@@ -86,7 +86,12 @@ def _classes(paths: tuple[str, ...]) -> tuple[type, ...]:
 
 
 def architecture_of_base(diffusion_model) -> str | None:
-    """The architecture key of a base diffusion model (``BaseModel.diffusion_model``), or None."""
+    """The architecture key of a base diffusion model (``BaseModel.diffusion_model``), or None.
+
+    A module compiled with ``torch.compile`` (e.g. set as an object patch) is
+    judged by the module it wraps (``OptimizedModule._orig_mod``)."""
+    while hasattr(diffusion_model, "_orig_mod"):
+        diffusion_model = diffusion_model._orig_mod
     for arch in ARCHITECTURES:
         classes = _classes(arch.base_modules)
         if classes and isinstance(diffusion_model, classes):

@@ -9,7 +9,7 @@ only:
    T2I-Adapter, ...) and runs it *alone* (no previous control) so that its
    residuals stay un-summed.
 2. In ``get_control`` it applies its own strength and mask, then hands the
-   residuals to the ``BalancedInjection`` of this model call
+   residuals to the engine's ``UNetInjection`` of this model call
    (``injection``), which lives in the call's ``transformer_options`` (a
    fresh dict the sampler builds for every model call). The first
    minimal-impact control of a call creates it and registers, on that dict
@@ -107,27 +107,6 @@ def check_control_fits_model(control: comfy.controlnet.ControlBase, model, label
             f"the model is {m['text']}. Load a ControlNet trained for the model's family "
             f"(or a checkpoint of the ControlNet's family)."
         )
-
-
-# --------------------------------------------------------------------------
-# per-call injection (model_patches/injection/)
-# --------------------------------------------------------------------------
-
-
-class BalancedInjection(UNetInjection):
-    @classmethod
-    def for_call(cls, transformer_options: dict) -> "BalancedInjection":
-        """The call's injection; the first minimal-impact control of a call
-        creates it with the settings in ``transformer_options`` and registers it."""
-        inj = transformer_options.get(INJECTION_KEY)
-        if inj is None:
-            inj = cls(BalanceSettings.from_transformer_options(transformer_options), transformer_options)
-            inj.register(transformer_options)
-        return inj
-
-
-def injection_for_call(transformer_options: dict) -> BalancedInjection:
-    return BalancedInjection.for_call(transformer_options)
 
 
 # --------------------------------------------------------------------------
@@ -247,7 +226,7 @@ class MinimalImpactControl(WrappedControl):
             if self.mask is not None:
                 own = {k: [self._apply_mask(r, batched_number) if r is not None else None for r in v]
                        for k, v in own.items()}
-            injection_for_call(transformer_options).add(self.label, own, self)
+            UNetInjection.for_call(transformer_options).add(self.label, own, self)
         else:
             # Outside its start/end range on this call: named as inactive in the balance map.
             transformer_options[INACTIVE_KEY] = list(transformer_options.get(INACTIVE_KEY, [])) + [(self.label, self)]
@@ -308,7 +287,7 @@ class MinimalImpactControl(WrappedControl):
         else:
             unet = getattr(model, "diffusion_model", None)
             arch = architecture_of_base(unet)
-            if unet is not None and arch != "unet":
+            if arch not in (None, "unet"):
                 # Not a DiT ControlNet we can place (e.g. 0.28's Qwen-Image "Fun" ControlNet, a T2I-Adapter)
                 # on a model without the UNet's injection points: refuse rather than leave it unused.
                 raise ValueError(

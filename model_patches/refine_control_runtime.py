@@ -45,7 +45,7 @@ import comfy.utils
 from .balance import GRANULARITIES, canonical_granularity
 from .injection.dit_sites import DiTInjection
 from .injection.settings import BalanceSettings
-from .injection.unet_sites import INJECTION_KEY as DIT_INJECTION_KEY
+from .injection.engine import INJECTION_KEY as MI_INJECTION_KEY
 from .mi_control import WrappedControl
 from .refine_control import block_map, convention, residuals_for_blocks
 
@@ -182,15 +182,16 @@ class BlockInjection(DiTInjection):
     """Per model call: the residuals of every balanced RefineControl, summed
     per block and injected with add^inj into the block's image tokens. The
     engine's SD3 site (``injection.dit_sites``) with the fixed rule
-    ``("sum", "add_inj")``: it checks finiteness once per forward and keeps a
-    balance record like MIControlNet."""
+    ``("sum", "add_inj")``: it checks finiteness once per forward like
+    MIControlNet (no balance record: no node draws one for Refine-Control)."""
 
     name = "RefineControl"
 
     def __init__(self, granularity: str, max_lambda: float, label: str = "RefineControl",
                  transformer_options: dict | None = None, latent_shape=None):
         granularity = canonical_granularity(granularity, label)
-        settings = BalanceSettings(granularity=granularity, max_lambda=max_lambda)
+        # No node draws a map for Refine-Control: no record (its per-block norms would cost every call).
+        settings = BalanceSettings(granularity=granularity, max_lambda=max_lambda, record_balance=False)
         super().__init__(settings, transformer_options if transformer_options is not None else {}, "sd3",
                          rules=("sum", "add_inj"), latent_shape=latent_shape)
         self.granularity = granularity
@@ -219,12 +220,12 @@ class BlockInjection(DiTInjection):
 
     def register(self, transformer_options: dict) -> None:
         # Kept under this family's own key: MIControlNet controls of the same call have their own injection.
-        mi = transformer_options.get(DIT_INJECTION_KEY)
+        mi = transformer_options.get(MI_INJECTION_KEY)
         super().register(transformer_options)
         if mi is None:
-            transformer_options.pop(DIT_INJECTION_KEY, None)
+            transformer_options.pop(MI_INJECTION_KEY, None)
         else:
-            transformer_options[DIT_INJECTION_KEY] = mi
+            transformer_options[MI_INJECTION_KEY] = mi
 
     def add(self, block_residuals: list, transformer_options: dict | None = None, control=None):
         """Queue one control's per-block residuals (``None`` where a block gets nothing)."""

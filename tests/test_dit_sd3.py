@@ -347,7 +347,7 @@ def test_mask_limits_the_residual_tokens(sd3):
     assert grid[:, :, 2:].abs().max() == 0 and grid[:, :, :2].abs().max() > 0
 
 
-def test_refine_control_injection_checks_finiteness_and_records():
+def test_refine_control_injection_checks_finiteness():
     """Refine-Control's per-block add^inj is the engine's: NaN residuals are named after the forward."""
     from model_patches import refine_control_runtime as rt
 
@@ -360,8 +360,7 @@ def test_refine_control_injection_checks_finiteness_and_records():
                                                           {"original_block": lambda a: dict(a)})
     assert not torch.equal(out["img"], img)
     inj.finish()
-    rec = inj.record
-    assert rec.layers[0]["layer"] == "joint block 0" and rec.layers[0]["feature_magnitude"].shape == (1, 2, 2)
+    assert inj.record is None  # no node draws a map for Refine-Control
 
     to = {"cond_or_uncond": [0]}
     inj = rt.BlockInjection.for_call(to, "layer", 20.0, "RC")

@@ -109,3 +109,17 @@ def test_unet_is_an_architecture_without_dit_controlnets():
 
     assert families.architecture_of_base(om.UNetModel.__new__(om.UNetModel)) == "unet"
     assert families.architecture_of_base(torch.nn.Linear(2, 2)) is None
+
+
+def test_a_compiled_diffusion_model_keeps_its_architecture():
+    """torch.compile's wrapper (e.g. set as an object patch) is judged by the module it wraps,
+    so a compiled SD1.5 UNet is still a UNet and MIControlNet does not refuse it."""
+    import torch
+
+    from headless import synthetic as s
+    from model_patches.families import architecture_of_base
+
+    unet = s.build_unet_model(s.TINY_SD15_UNET, seed=0).diffusion_model
+    assert architecture_of_base(unet) == "unet"
+    assert architecture_of_base(torch.compile(unet)) == "unet"  # lazy: nothing is compiled here
+    assert architecture_of_base(torch.nn.Linear(2, 2)) is None

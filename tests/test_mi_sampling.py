@@ -18,6 +18,7 @@ import comfy.samplers
 import nodes as comfy_nodes
 
 from model_patches import mi_control
+from model_patches.injection.unet_sites import UNetInjection
 from balanced_control.nodes.micontrolnet import MIControlNetApply, MIControlNetBalanceMap, MIControlNetSettings
 from headless import synthetic as s
 
@@ -221,7 +222,7 @@ def test_silent_control_does_not_suppress_the_other(tiny):
     x, sigma, context = batch_inputs(tiny, seed=4)
     r = core_residuals(cns[0], imgs[0], 1.0, model, x, sigma, context, [1, 0])
     silent = {k: [torch.zeros_like(t) for t in v] for k, v in r.items()}
-    inj = mi_control.BalancedInjection(mi_control.BalanceSettings(mode="controlnet_star", record_balance=False),
+    inj = UNetInjection(mi_control.BalanceSettings(mode="controlnet_star", record_balance=False),
                                        {"cond_or_uncond": [1, 0]})
     inj.add("a", r, None)
     inj.add("b", silent, None)

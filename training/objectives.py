@@ -1,6 +1,6 @@
 """Forward pass through add^inj, the diffusion loss and the conservativity loss.
 
-The ControlNet's residuals reach the UNet through ``BalancedInjection`` of
+The ControlNet's residuals reach the UNet through ``UNetInjection`` (the engine's UNet site) of
 ``model_patches.mi_control``: the object ComfyUI's sampler uses when a
 MIControlNetApply control runs. It registers the same ``output_block_patch``
 (middle output and skip features, add^inj per layer) on the call's
@@ -88,12 +88,12 @@ def controlled_eps(model, cnet, x_unet: torch.Tensor, x_control: torch.Tensor, t
     ``x_unet`` and ``x_control`` are the scaled model inputs the UNet and the
     ControlNet get (the same tensor in plain training; the ControlNet's may
     carry a forward-mode tangent for L_QC)."""
-    from model_patches import mi_control as mi
+    from model_patches.injection.unet_sites import UNetInjection
 
     residuals = cnet(x=x_control, hint=hint, timesteps=timestep, context=context, y=y,
                      transformer_options=attention_options())
     options = injection_options(granularity, max_lambda, mode, lambda_convention)
-    mi.BalancedInjection.for_call(options).add(TRAINING_LABEL, residuals, None)
+    UNetInjection.for_call(options).add(TRAINING_LABEL, residuals, None)
     dtype = unet_dtype(model)
     return model.diffusion_model(x_unet.to(dtype), timestep, context=context.to(dtype),
                                  y=None if y is None else y.to(dtype), control=None, transformer_options=options)

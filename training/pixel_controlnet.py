@@ -3,7 +3,7 @@
 The same objective as ``python -m training micontrolnet``: the ControlNet is
 ``models.controlnet_from_unet`` (encoder copied from the UNet, zero convs
 zeroed) or a copy of a given one; every step calls ``objectives.loss_terms``
-(the residuals go through ``BalancedInjection``, the object the sampler
+(the residuals go through ``UNetInjection``, the object the sampler
 uses; ``mode`` ``vanilla`` = plain add, ``micontrolnet`` = add^inj in the
 given λ convention; ``qc_weight`` > 0 adds stage 2's L_QC^simple) under
 ``objectives.training_attention``; silent-signal rebalancing silences each

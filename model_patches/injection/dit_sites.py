@@ -41,8 +41,7 @@ import torch
 import comfy.patcher_extension
 
 from ..families import ARCHITECTURE_TITLES, architecture_of_base, architecture_of_control
-from .engine import BalancedInjection
-from .unet_sites import INJECTION_KEY, WRAPPER_KEY
+from .engine import INJECTION_KEY, WRAPPER_KEY, BalancedInjection
 
 # family -> {slot key: (replace-patch block name, layer name)}
 SLOTS = {
@@ -190,6 +189,9 @@ class DiTInjection(BalancedInjection):
 
         def patch(args, extra):
             out = previous(args, extra) if previous is not None else extra["original_block"](args)
+            if previous is not None and out.get("img") is not None:
+                # Another extension's entry may keep its output (a block cache): write into a copy.
+                out = {**out, "img": out["img"].clone()}
             if block == "double_block" and out.get("txt") is not None:
                 self._txt_len = out["txt"].shape[1]
             if key is not None:

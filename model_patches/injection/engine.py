@@ -30,6 +30,10 @@ from ..balance import add_inj_with_lambda, channel_norm, combination_weights, we
 
 log = logging.getLogger(__name__)
 
+# Key in the per-call transformer_options holding the call's MIControlNet injection (UNet or DiT site).
+INJECTION_KEY = "balanced_control_injection"
+# Key of the injection's wrapper among the call's wrappers.
+WRAPPER_KEY = "balanced_control"
 # (label, control) of the minimal-impact controls that ran in this call but were outside their range.
 INACTIVE_KEY = "balanced_control_inactive"
 _RECORD_SEQ = itertools.count(1)

@@ -30,13 +30,10 @@ import torch
 import comfy.patcher_extension
 
 from ..unet_patches import HAS_MIDDLE_BLOCK_AFTER_PATCH, other_patches, prepend_patches
-from .engine import BalancedInjection
+from .engine import INJECTION_KEY, WRAPPER_KEY, BalancedInjection
+from .settings import BalanceSettings
 
 log = logging.getLogger(__name__)
-
-# Key in the per-call transformer_options holding the call's BalancedInjection (UNet or DiT).
-INJECTION_KEY = "balanced_control_injection"
-WRAPPER_KEY = "balanced_control"
 
 _PATCH_LISTS = ("input_block_patch", "input_block_patch_after_skip", "middle_block_after_patch", "output_block_patch")
 
@@ -45,6 +42,16 @@ class UNetInjection(BalancedInjection):
     """The engine at a UNet's input blocks, middle block and skip connections."""
 
     site = "UNet"
+
+    @classmethod
+    def for_call(cls, transformer_options: dict) -> "UNetInjection":
+        """The call's injection; the first minimal-impact control of a call
+        creates it with the settings in ``transformer_options`` and registers it."""
+        inj = transformer_options.get(INJECTION_KEY)
+        if inj is None:
+            inj = cls(BalanceSettings.from_transformer_options(transformer_options), transformer_options)
+            inj.register(transformer_options)
+        return inj
 
     # -- registration --------------------------------------------------------
     def register(self, transformer_options: dict) -> None:
