@@ -81,3 +81,41 @@ def text_conditioning(family: str, config: dict, generator, rows: int = 1) -> tu
     context = torch.randn(rows, 77, config["context_dim"], generator=generator)
     pooled = torch.randn(rows, 1280, generator=generator) if family == "sdxl" else None
     return context, pooled
+
+
+def time_rotated(configs: dict, step, repeats: int) -> dict:
+    """Seconds per call of ``step(*configs[name])`` for each configuration: one warm-up call
+    each, then ``repeats`` rounds whose order rotates (each configuration takes each slot
+    equally often, so the cost of a round's first slot falls on all alike)."""
+    import time
+
+    import torch
+
+    times = {name: [] for name in configs}
+    names = list(configs)
+    with torch.inference_mode():
+        for name in names:  # warm-up
+            step(*configs[name])
+        for r in range(repeats):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                t0 = time.perf_counter()
+                step(*configs[name])
+                times[name].append(time.perf_counter() - t0)
+            print(f"  round {r + 1}/{repeats}", flush=True)
+    return times
+
+
+def print_ratio_table(times: dict, header: str, core_name: str = "core (plain sum)",
+                      target_name: str = "MIControlNet layer", target: float = 1.02) -> None:
+    """Median ms per configuration and its per-round ratio to ``core_name`` (median, min-max)."""
+    import statistics
+
+    print(f"\n{header}")
+    print(f"  {'configuration':32s} {'median ms':>10s}   {'ratio to core: median':>21s} {'min-max (per round)':>20s}")
+    for name, ts in times.items():
+        ratios = [t / c for t, c in zip(ts, times[core_name])]
+        print(f"  {name:32s} {statistics.median(ts) * 1000:10.1f}   {statistics.median(ratios):21.3f} "
+              f"{min(ratios):9.3f}-{max(ratios):.3f}")
+    ratios = [t / c for t, c in zip(times[target_name], times[core_name])]
+    print(f"\nMIControlNet / core ratio: median {statistics.median(ratios):.3f}, "
+          f"min-max {min(ratios):.3f}-{max(ratios):.3f} (target <= {target:g})")

@@ -26,15 +26,14 @@ This is a benchmark, not a test: figures depend on the machine.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench_common import print_ratio_table, time_rotated  # noqa: E402
 from headless.runtime import import_extension  # noqa: E402
 
 
@@ -118,32 +117,11 @@ def main(argv=None):
             torch.cuda.synchronize()
         return out
 
-    times = {name: [] for name in configs}
-    names = list(configs)
-    with torch.inference_mode():
-        for name, (control, extra) in configs.items():  # warm-up
-            step(control, extra)
-        for r in range(args.repeats):
-            # The order rotates every round: each configuration takes each slot equally often.
-            for name in names[r % len(names):] + names[:r % len(names)]:
-                control, extra = configs[name]
-                t0 = time.perf_counter()
-                step(control, extra)
-                times[name].append(time.perf_counter() - t0)
-            print(f"  round {r + 1}/{args.repeats}", flush=True)
-
-    core_name = "core (plain sum)"
-    print(f"\nper-step time, Flux {args.double}+{args.single} blocks (width 3072) + 2 ControlNets, batch 2 "
-          f"(cond+uncond), latent {side}x{side} ({(side // 2) ** 2} image tokens), {device}, {args.repeats} rounds, "
-          f"order rotated:")
-    print(f"  {'configuration':32s} {'median ms':>10s}   {'ratio to core: median':>21s} {'min-max (per round)':>20s}")
-    for name, ts in times.items():
-        ratios = [t / c for t, c in zip(ts, times[core_name])]
-        print(f"  {name:32s} {statistics.median(ts) * 1000:10.1f}   {statistics.median(ratios):21.3f} "
-              f"{min(ratios):9.3f}-{max(ratios):.3f}")
-    ratios = [t / c for t, c in zip(times["MIControlNet layer"], times[core_name])]
-    print(f"\nMIControlNet / core ratio: median {statistics.median(ratios):.3f}, "
-          f"min-max {min(ratios):.3f}-{max(ratios):.3f} (target <= 1.02)")
+    times = time_rotated(configs, step, args.repeats)
+    header = (f"per-step time, Flux {args.double}+{args.single} blocks (width 3072) + 2 ControlNets, batch 2 "
+              f"(cond+uncond), latent {side}x{side} ({(side // 2) ** 2} image tokens), {device}, {args.repeats} rounds, "
+              f"order rotated:")
+    print_ratio_table(times, header)
     return 0
 
 

@@ -25,9 +25,7 @@ This is a benchmark, not a test: figures depend on the machine.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -36,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench_common import add_device_arguments, add_family_argument, device_and_dtype, synchronize  # noqa: E402
 from bench_common import build_model, text_conditioning, unet_config  # noqa: E402
+from bench_common import print_ratio_table, time_rotated  # noqa: E402
 from headless.runtime import import_extension  # noqa: E402
 
 
@@ -114,32 +113,10 @@ def main(argv=None):
         synchronize(device)
         return out
 
-    times = {name: [] for name in configs}
-    names = list(configs)
-    with torch.inference_mode():
-        for name, (control, extra) in configs.items():  # warm-up
-            step(control, extra)
-        for r in range(args.repeats):
-            # The order rotates every round: each configuration takes each slot equally
-            # often, so the cost of the first slot of a round falls on all alike.
-            for name in names[r % len(names):] + names[:r % len(names)]:
-                control, extra = configs[name]
-                t0 = time.perf_counter()
-                step(control, extra)
-                times[name].append(time.perf_counter() - t0)
-            print(f"  round {r + 1}/{args.repeats}", flush=True)
-
-    core_name = "core (plain sum)"
-    print(f"\nper-step time, {family} {'small' if args.small else 'full'} UNet + 2 ControlNets, batch 2 "
-          f"(cond+uncond), latent {side}x{side}, {device} {dtype}, {args.repeats} rounds, order rotated:")
-    print(f"  {'configuration':32s} {'median ms':>10s}   {'ratio to core: median':>21s} {'min-max (per round)':>20s}")
-    for name, ts in times.items():
-        ratios = [t / c for t, c in zip(ts, times[core_name])]
-        print(f"  {name:32s} {statistics.median(ts) * 1000:10.1f}   {statistics.median(ratios):21.3f} "
-              f"{min(ratios):9.3f}-{max(ratios):.3f}")
-    ratios = [t / c for t, c in zip(times["MIControlNet layer"], times[core_name])]
-    print(f"\nMIControlNet / core ratio: median {statistics.median(ratios):.3f}, "
-          f"min-max {min(ratios):.3f}-{max(ratios):.3f} (target <= 1.02)")
+    times = time_rotated(configs, step, args.repeats)
+    header = (f"per-step time, {family} {'small' if args.small else 'full'} UNet + 2 ControlNets, batch 2 "
+              f"(cond+uncond), latent {side}x{side}, {device} {dtype}, {args.repeats} rounds, order rotated:")
+    print_ratio_table(times, header)
     return 0
 
 
