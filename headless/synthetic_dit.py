@@ -117,34 +117,10 @@ def flux_instantx_state_dict(config: dict = FLUX_SMALL, depth: int = 1, depth_si
     sd = cn.state_dict()
     key_map = comfy.utils.flux_to_diffusers({"depth": depth, "depth_single_blocks": depth_single,
                                              "hidden_size": config["hidden_size"]}, output_prefix="")
-    out, used = {}, set()
-    for dkey, target in key_map.items():
-        if isinstance(target, str):
-            if target in sd:
-                out[dkey] = sd[target]
-                used.add(target)
-            continue
-        src, offset = target[0], target[1]
-        if src not in sd:
-            continue
-        t = sd[src]
-        if offset is not None:
-            t = t.narrow(offset[0], offset[1], offset[2])
-        if len(target) > 2 and target[2] is not None:
-            t = target[2](t)
-        out[dkey] = t.contiguous()
-        used.add(src)
-    for k, v in sd.items():
-        if k.startswith(("controlnet_blocks.", "controlnet_single_blocks.")):
-            out[k] = v
-            used.add(k)
-        elif k.startswith("controlnet_mode_embedder."):
-            out[k] = v
-            used.add(k)
-    left = [k for k in sd if k not in used]
-    if left:
-        raise ValueError(f"flux_instantx_state_dict: no diffusers name for {left[:4]}")
-    return out
+    from model_patches.refine_control_runtime import invert_key_map
+
+    return invert_key_map(sd, key_map, ("controlnet_blocks.", "controlnet_single_blocks.", "controlnet_mode_embedder."),
+                          "flux_instantx_state_dict")
 
 
 def flux_xlabs_state_dict(config: dict = FLUX_SMALL, depth: int = 1, seed: int = 4,

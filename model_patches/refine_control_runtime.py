@@ -327,14 +327,13 @@ class RefineControl(WrappedControl):
 # --------------------------------------------------------------------------
 
 
-def mmdit_controlnet_to_diffusers(sd: dict, depth: int, num_blocks: int) -> dict:
-    """A ComfyUI MMDiT ControlNet state dict in diffusers ``SD3ControlNetModel``
-    key layout (what ComfyUI's ControlNetLoader and diffusers read), using the
-    inverse of ComfyUI's own key map. ``controlnet_blocks.*`` and
-    ``pos_embed_input.*`` have the same names in both."""
-    key_map = comfy.utils.mmdit_to_diffusers({"depth": depth, "num_blocks": num_blocks})
-    out = {}
-    used = set()
+def invert_key_map(sd: dict, key_map: dict, keep_prefixes: tuple[str, ...], what: str) -> dict:
+    """``sd`` (ComfyUI names) in the file layout of ComfyUI's own diffusers key map
+    (``comfy.utils.mmdit_to_diffusers`` / ``flux_to_diffusers``: file key -> ComfyUI key, or
+    (ComfyUI key, narrow offset, function)), keys starting with ``keep_prefixes`` unchanged.
+    Fused ComfyUI tensors are split by the map's offsets; its functions (swap_scale_shift)
+    are their own inverses. A ComfyUI key the map does not reach raises, naming ``what``."""
+    out, used = {}, set()
     for dkey, target in key_map.items():
         if isinstance(target, str):
             if target in sd:
@@ -349,14 +348,23 @@ def mmdit_controlnet_to_diffusers(sd: dict, depth: int, num_blocks: int) -> dict
         if offset is not None:
             t = t.narrow(offset[0], offset[1], offset[2])
         if fun is not None:
-            t = fun(t)  # swap_scale_shift is its own inverse
+            t = fun(t)
         out[dkey] = t.contiguous()
         used.add(src)
     for k, v in sd.items():
-        if k.startswith(("controlnet_blocks.", "pos_embed_input.")):
+        if k.startswith(keep_prefixes):
             out[k] = v
             used.add(k)
     left = [k for k in sd if k not in used]
     if left:
-        raise ValueError(f"mmdit_controlnet_to_diffusers: {len(left)} keys have no diffusers name, e.g. {left[:3]}")
+        raise ValueError(f"{what}: {len(left)} keys have no diffusers name, e.g. {left[:3]}")
     return out
+
+
+def mmdit_controlnet_to_diffusers(sd: dict, depth: int, num_blocks: int) -> dict:
+    """A ComfyUI MMDiT ControlNet state dict in diffusers ``SD3ControlNetModel``
+    key layout (what ComfyUI's ControlNetLoader and diffusers read), using the
+    inverse of ComfyUI's own key map. ``controlnet_blocks.*`` and
+    ``pos_embed_input.*`` have the same names in both."""
+    key_map = comfy.utils.mmdit_to_diffusers({"depth": depth, "num_blocks": num_blocks})
+    return invert_key_map(sd, key_map, ("controlnet_blocks.", "pos_embed_input."), "mmdit_controlnet_to_diffusers")
