@@ -170,3 +170,46 @@ def test_as_written_from_zero_warms_up_with_a_plain_add(small):
                              plain_add_warmup_steps=0)
     cnet, _ = pc.train_controlnet(base, c.images, small["canny"], c.labels, cfg, log_every=0)
     assert not any(p.any() for p in cnet.zero_convs[0].parameters())
+
+
+def test_v_weighting_is_the_v_prediction_loss_of_the_eps_model(small):
+    """loss_weights("v") · ε-MSE equals the v-MSE (Salimans & Ho 2022) computed from its
+    definition in VP variables, up to the one constant (mean weight over the schedule)."""
+    ms = small["base"].model.model_sampling
+    g = torch.Generator().manual_seed(4)
+    t = torch.tensor([0, 10, 250, 500, 750, 999])
+    x0, eps, eps_hat = (torch.randn(6, 4, 5, 5, generator=g, dtype=torch.float64) for _ in range(3))
+    sigma = ms.sigmas[t].double().view(-1, 1, 1, 1)
+    alpha, s = 1 / (1 + sigma ** 2).sqrt(), sigma / (1 + sigma ** 2).sqrt()   # x_vp = α x0 + s ε
+    x = x0 + sigma * eps                                                     # ComfyUI's unscaled x
+    x0_hat = x - sigma * eps_hat
+    v, v_hat = alpha * eps - s * x0, alpha * eps_hat - s * x0_hat
+    v_mse = (v_hat - v).square().flatten(1).mean(1)
+    eps_mse = (eps_hat - eps).square().flatten(1).mean(1)
+    mean_w = (1 + ms.sigmas.double() ** 2).mean()
+    w = ps.loss_weights(ms, t, "v").double()
+    assert torch.allclose(w * eps_mse * mean_w, v_mse, rtol=1e-5)
+    assert torch.equal(ps.loss_weights(ms, t, "eps"), torch.ones(6))
+    with pytest.raises(ValueError, match="expected one of"):
+        ps.loss_weights(ms, t, "snr")
+
+
+def test_latent_scale_is_the_latent_formats_and_the_sampler_undoes_it():
+    base = ps.build_pixel_base(seed=0, latent_scale=2.5)
+    z = ps.fold(torch.from_numpy(pr.make_canvases(2, 16, seed=1).images))
+    assert torch.equal(base.model.process_latent_in(z), z * 2.5)
+    assert torch.allclose(base.model.process_latent_out(base.model.process_latent_in(z)), z)
+    assert ps.build_pixel_base(seed=0).model.latent_format.scale_factor == 1.0  # one instance per model
+    with pytest.raises(ValueError, match="latent_scale must be > 0"):
+        ps.build_pixel_base(seed=0, latent_scale=0.0)
+    # The trainers feed the UNet model-space latents: the same loss as eps_loss on scaled latents.
+    losses = ps.train_pixel_base(base, torch.from_numpy(pr.make_canvases(4, 16, seed=2).images), steps=1,
+                                 batch_size=2, lr=0.0, seed=5, log_every=0)
+    g = torch.Generator().manual_seed(5)
+    idx = torch.randint(0, 4, (2,), generator=g)
+    noise = torch.randn((2, 4, 8, 8), generator=g)
+    t = torch.randint(0, 1000, (2,), generator=g)
+    zz = base.model.process_latent_in(ps.fold(torch.from_numpy(pr.make_canvases(4, 16, seed=2).images)))
+    with torch.no_grad():
+        expected = ps.eps_loss(base.model, zz[idx], noise, t, base.context).mean()
+    assert losses[0] == pytest.approx(float(expected), rel=1e-5)

@@ -45,6 +45,7 @@ class ControlTraining:
     qc_weight: float = 0.0                # > 0: stage 2 (L_QC^simple on every step)
     plain_add_warmup_steps: int = -1      # -1: the trainer's rule (500 from zero under as_written, else 0)
     silent_value: float = 0.0
+    weighting: str = "eps"                # per-row weight of the task loss: pixel_space.loss_weights
     seed: int = 0
 
 
@@ -76,18 +77,19 @@ def train_controlnet(base, images: np.ndarray, hints: np.ndarray, labels: np.nda
     ``images`` (N, S, S) grayscale targets, ``hints`` (N, S, S, 3) in [0, 1],
     ``labels`` (N, S, S) region ids for rebalancing."""
     from . import data, models, objectives
-    from .pixel_space import fold
+    from .pixel_space import fold, loss_weights
 
     if init is None:
         cnet = models.controlnet_from_unet(base.unet, base.unet_config, seed=cfg.seed)
     else:
         cnet = copy.deepcopy(models.unwrap(init))
+    loss_weights(base.model.model_sampling, torch.zeros(1, dtype=torch.long), cfg.weighting)  # validates
     cnet = cnet.to(device).float().train().requires_grad_(True)
     warmup = cfg.plain_add_warmup_steps
     if warmup < 0:
         warmup = 500 if init is None and cfg.lambda_convention == "as_written" and cfg.mode == "micontrolnet" else 0
     opt = torch.optim.AdamW(cnet.parameters(), lr=cfg.lr, weight_decay=0.0)
-    latents_all = fold(torch.from_numpy(images)).to(device)
+    latents_all = base.model.process_latent_in(fold(torch.from_numpy(images))).to(device)
     n_t = int(base.model.model_sampling.sigmas.shape[0])
     hw = tuple(latents_all.shape[-2:])
     losses, t0 = [], time.perf_counter()
@@ -107,7 +109,8 @@ def train_controlnet(base, images: np.ndarray, hints: np.ndarray, labels: np.nda
             mode = "vanilla" if step < warmup else cfg.mode
             terms = objectives.loss_terms(base.model, cnet, batch, cfg.qc_weight, cfg.granularity, cfg.max_lambda,
                                           None, mode, cfg.lambda_convention)
-            loss = terms["total"].mean()
+            w = loss_weights(base.model.model_sampling, batch.timestep_index, cfg.weighting)
+            loss = (terms["task"] * w + cfg.qc_weight * terms["qc"]).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(cnet.parameters(), 1.0)

@@ -101,10 +101,18 @@ class PixelBase:
         return [[self.context.clone(), {}]]
 
 
-def build_pixel_base(unet_config: dict | None = None, seed: int = 0, device="cpu") -> PixelBase:
-    """A freshly initialised pixel-space base (PyTorch's default init, seeded)."""
+def build_pixel_base(unet_config: dict | None = None, seed: int = 0, device="cpu",
+                     latent_scale: float = 1.0) -> PixelBase:
+    """A freshly initialised pixel-space base (PyTorch's default init, seeded).
+
+    ``latent_scale`` is the latent format's ``scale_factor`` (model space = ``fold`` × scale,
+    as SD1.5's 0.18215 scales its VAE latents): ComfyUI's sampler applies it on the way in
+    and out, the trainers through ``model.process_latent_in``."""
+    if not latent_scale > 0:
+        raise ValueError(f"latent_scale must be > 0, got {latent_scale}")
     cfg = copy.deepcopy(unet_config or PIXEL_UNET)
     config = _config_class()(cfg)
+    config.latent_format.scale_factor = float(latent_scale)
     model = config.get_model({}, device=torch.device("cpu"))
     g_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
@@ -131,16 +139,35 @@ def eps_loss(model, latents: torch.Tensor, noise: torch.Tensor, timestep_index: 
     return (eps.float() - noise).square().flatten(1).mean(1)
 
 
+LOSS_WEIGHTINGS = ("eps", "v")
+
+
+def loss_weights(model_sampling, timestep_index: torch.Tensor, weighting: str) -> torch.Tensor:
+    """Per-row weights of the ε-MSE. ``eps``: 1 (SD1.5's own loss). ``v``: 1 + σ², i.e. the
+    v-prediction loss of Salimans & Ho 2022 (§4, "SNR+1" weighting) expressed on the ε model:
+    with x = x0 + σε, v̂ − v = √(1+σ²)(ε̂ − ε). Divided by its mean over the schedule, so the
+    loss keeps ε-MSE's scale. ``v`` puts weight where a small ε-model is worst: at high σ an
+    ε error δ is a σ·δ error of x0̂, the sampler's first steps."""
+    if weighting == "eps":
+        return torch.ones(timestep_index.shape, device=timestep_index.device)
+    if weighting == "v":
+        w_all = 1.0 + model_sampling.sigmas.float().square()
+        return (w_all / w_all.mean()).to(timestep_index.device)[timestep_index]
+    raise ValueError(f"loss weighting {weighting!r}: expected one of {LOSS_WEIGHTINGS}")
+
+
 def train_pixel_base(base: PixelBase, images: torch.Tensor, steps: int, batch_size: int = 16, lr: float = 2e-3,
-                     seed: int = 0, device="cpu", log_every: int = 100) -> list[float]:
+                     seed: int = 0, device="cpu", log_every: int = 100, weighting: str = "eps") -> list[float]:
     """Train the base UNet on grayscale ``images`` (N, H, W) in [0, 1] with AdamW;
-    every random choice comes from ``seed``. Returns the per-step losses."""
+    every random choice comes from ``seed``. ``weighting``: see ``loss_weights``.
+    Returns the per-step (unweighted) ε-MSE losses."""
+    loss_weights(base.model.model_sampling, torch.zeros(1, dtype=torch.long), weighting)  # validates
     unet = base.unet.to(device)
     unet.requires_grad_(True).train()
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * max(0.1, 1 - s / max(steps, 1)))
     g = torch.Generator().manual_seed(seed)
-    latents = fold(images).to(device)
+    latents = base.model.process_latent_in(fold(images)).to(device)
     n_t = int(base.model.model_sampling.sigmas.shape[0])
     ctx = base.context.to(device)
     losses, t0 = [], time.perf_counter()
@@ -148,9 +175,10 @@ def train_pixel_base(base: PixelBase, images: torch.Tensor, steps: int, batch_si
         idx = torch.randint(0, len(latents), (batch_size,), generator=g)
         noise = torch.randn((batch_size, *latents.shape[1:]), generator=g).to(device)
         t = torch.randint(0, n_t, (batch_size,), generator=g).to(device)
-        loss = eps_loss(base.model, latents[idx.to(device)], noise, t, ctx).mean()
+        per_row = eps_loss(base.model, latents[idx.to(device)], noise, t, ctx)
+        loss = per_row.detach().mean()
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (per_row * loss_weights(base.model.model_sampling, t, weighting)).mean().backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
         sched.step()

@@ -23,14 +23,16 @@ class Preset:
     model_channels: int = 32
     base_steps: int = 3000
     base_batch: int = 16
-    cn_steps: int = 400          # plain-add ControlNet from the UNet
+    cn_steps: int = 600          # plain-add ControlNet from the UNet
     ft_steps: int = 200          # each fine-tune from it (rebalanced plain add, add^inj per convention)
     s2_steps: int = 60           # stage 2 (L_QC) after the mgda add^inj fine-tune; 0 = none
     cn_batch: int = 8
     qc_weight: float = 0.01
     seeds: int = 3               # ControlNet seeds (each trained network)
-    sample_steps: int = 12
+    sample_steps: int = 20
     rebalance_prob: float = 0.5
+    latent_scale: float = 2.5    # model-space std ≈ 1.5 (pixel_space.build_pixel_base)
+    weighting: str = "v"         # loss weighting of base and ControlNets (pixel_space.loss_weights)
 
 
 PRESETS = {
@@ -51,7 +53,7 @@ def train_nets(base, canvases, conds, preset: Preset, seed: int, kind: str, devi
     from training.pixel_controlnet import ControlTraining, train_controlnet
 
     s = 1000 * seed + KINDS.index(kind)
-    base_cfg = ControlTraining(steps=preset.cn_steps, batch_size=preset.cn_batch, seed=s)
+    base_cfg = ControlTraining(steps=preset.cn_steps, batch_size=preset.cn_batch, seed=s, weighting=preset.weighting)
     args = (base, canvases.images, conds[kind], canvases.labels)
     nets, losses = {}, {}
     nets["plain"], losses["plain"] = train_controlnet(*args, base_cfg, device=device, log_every=0)
@@ -83,9 +85,10 @@ def run(preset: Preset, device: str = "cpu", data_seed: int = 0, base_seed: int 
     test = procedural.make_canvases(preset.n_test, preset.size, seed=data_seed + 10_000)
     conds = {k: procedural.control(k, train) for k in KINDS}
     test_conds = {k: procedural.control(k, test) for k in KINDS}
-    base = build_pixel_base(pixel_unet_config(preset.model_channels), seed=base_seed, device=device)
+    base = build_pixel_base(pixel_unet_config(preset.model_channels), seed=base_seed, device=device,
+                            latent_scale=preset.latent_scale)
     base_losses = train_pixel_base(base, torch.from_numpy(train.images), preset.base_steps, preset.base_batch,
-                                   seed=base_seed, device=device, log_every=0)
+                                   seed=base_seed, device=device, log_every=0, weighting=preset.weighting)
     progress(f"base trained: {preset.base_steps} steps, loss {np.mean(base_losses[:10]):.3f} -> "
              f"{np.mean(base_losses[-10:]):.3f} ({time.perf_counter() - t0:.0f} s)")
     patcher = base.patcher()
