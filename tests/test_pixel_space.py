@@ -213,3 +213,22 @@ def test_latent_scale_is_the_latent_formats_and_the_sampler_undoes_it():
     with torch.no_grad():
         expected = ps.eps_loss(base.model, zz[idx], noise, t, base.context).mean()
     assert losses[0] == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_the_denoising_report_is_the_x0_error_of_the_eps_prediction():
+    base = ps.build_pixel_base(seed=1, latent_scale=2.0)
+    imgs = torch.from_numpy(pr.make_canvases(6, 16, seed=4).images)
+    rows = ps.denoising_report(base, imgs, timesteps=(100, 900), seed=3)
+    z = base.model.process_latent_in(ps.fold(imgs))
+    g = torch.Generator().manual_seed(3)
+    for row in rows:
+        noise = torch.randn(z.shape, generator=g)
+        ms = base.model.model_sampling
+        sigma = ms.sigmas[row["t"]].float()
+        x = ms.noise_scaling(sigma, noise, z)
+        with torch.no_grad():
+            eps = base.model.diffusion_model(ms.calculate_input(sigma, x), ms.timestep(sigma).expand(6).float(),
+                                             context=base.context.expand(6, -1, -1))
+        x0_hat = x - sigma * eps   # ComfyUI's EPS calculate_denoised
+        assert row["x0_mse"] == pytest.approx(float((x0_hat - z).square().mean()), rel=1e-4)
+        assert row["x0_mse_mean"] == pytest.approx(float((z - z.mean(0)).square().mean()), rel=1e-5)

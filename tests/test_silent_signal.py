@@ -47,6 +47,9 @@ def test_the_tiny_pipeline_writes_every_output(tiny_run):
     z = np.load(tiny_run / "run.npz")
     run = json.loads((tiny_run / "run.json").read_text())
     assert len(run["results"]) == p.seeds * 2  # seeds x two pairings
+    # The base's denoising report is stored and printed (one row per timestep).
+    assert [d["t"] for d in run["base_denoising"]] == [50, 200, 400, 600, 800, 950, 999]
+    assert md.count("| 999 |") == 1
     for i in range(len(run["results"])):
         for name in names:
             assert z[f"r{i}/img/{name}"].shape == (p.n_test, p.size, p.size)

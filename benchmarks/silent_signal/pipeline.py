@@ -78,7 +78,7 @@ def run(preset: Preset, device: str = "cpu", data_seed: int = 0, base_seed: int 
     """Everything the report needs: per (seed, pairing) samples and metrics, and the inputs."""
     from training import procedural
     from training.pixel_controlnet import comfy_controlnet
-    from training.pixel_space import build_pixel_base, pixel_unet_config, train_pixel_base
+    from training.pixel_space import build_pixel_base, denoising_report, pixel_unet_config, train_pixel_base
 
     t0 = time.perf_counter()
     train = procedural.make_canvases(preset.n_train, preset.size, seed=data_seed)
@@ -91,6 +91,9 @@ def run(preset: Preset, device: str = "cpu", data_seed: int = 0, base_seed: int 
                                    seed=base_seed, device=device, log_every=0, weighting=preset.weighting)
     progress(f"base trained: {preset.base_steps} steps, loss {np.mean(base_losses[:10]):.3f} -> "
              f"{np.mean(base_losses[-10:]):.3f} ({time.perf_counter() - t0:.0f} s)")
+    base_denoising = denoising_report(base, torch.from_numpy(test.images))
+    progress("base denoising of the test canvases (x0-MSE vs the data mean's): " + ", ".join(
+        f"t={d['t']} {d['x0_mse']:.3f}/{d['x0_mse_mean']:.3f}" for d in base_denoising))
     patcher = base.patcher()
     vs = variants(with_stage2=preset.s2_steps > 0)
     latent_shape = (preset.n_test, 4, preset.size // 2, preset.size // 2)
@@ -118,4 +121,4 @@ def run(preset: Preset, device: str = "cpu", data_seed: int = 0, base_seed: int 
             progress(f"seed {seed}: pairing {lk}|{rk} sampled ({time.perf_counter() - t0:.0f} s)")
     return {"preset": asdict(preset), "device": device, "variants": vs, "results": results, "test": test,
             "test_conditions": test_conds, "base_loss": [float(np.mean(base_losses[:10])), float(np.mean(base_losses[-10:]))],
-            "controlnet_loss": losses, "seconds": time.perf_counter() - t0}
+            "controlnet_loss": losses, "base_denoising": base_denoising, "seconds": time.perf_counter() - t0}

@@ -85,7 +85,7 @@ def summarise(run: dict) -> dict:
     return {"preset": run["preset"], "device": run["device"], "seconds": run["seconds"], "kinds": kinds,
             "variants": names, "reference": REFERENCE, "table": table, "targets": targets,
             "same_noise_within_each_seed_and_pairing": paired, "base_loss": run["base_loss"],
-            "controlnet_loss": run["controlnet_loss"]}
+            "controlnet_loss": run["controlnet_loss"], "base_denoising": run.get("base_denoising")}
 
 
 def _fmt(ms) -> str:
@@ -97,6 +97,12 @@ def _fmt(ms) -> str:
 
 def markdown(summary: dict) -> str:
     lines = []
+    if summary.get("base_denoising"):
+        lines += ["### Base model: denoising of the test canvases", "",
+                  "| t | σ | ε-MSE | x0-MSE | x0-MSE of the data mean |", "|---|---|---|---|---|"]
+        lines += [f"| {d['t']} | {d['sigma']:.3f} | {d['eps_mse']:.4f} | {d['x0_mse']:.3f} | {d['x0_mse_mean']:.3f} |"
+                  for d in summary["base_denoising"]]
+        lines.append("")
     for kind in summary["kinds"]:
         lines += [f"### Halves given the {kind} control", "",
                   "| variant | TV texture | TV flat | recall@1px | precision@1px | paper TV silent | cycle L1 "
