@@ -60,7 +60,7 @@ def test_training_the_base_lowers_its_loss_on_a_held_out_batch():
     c = pr.make_canvases(32, 16, seed=1)
     base = ps.build_pixel_base(seed=2)
     g = torch.Generator().manual_seed(7)
-    z = ps.fold(torch.from_numpy(pr.make_canvases(8, 16, seed=99).images))
+    z = base.model.process_latent_in(ps.fold(torch.from_numpy(pr.make_canvases(8, 16, seed=99).images)))
     noise, t = torch.randn(z.shape, generator=g), torch.randint(0, 1000, (8,), generator=g)
     with torch.no_grad():
         before = ps.eps_loss(base.model, z, noise, t, base.context).mean()
@@ -126,7 +126,7 @@ def test_a_trained_controlnet_samples_through_the_node_path_as_it_trained(small)
     assert len(losses) == 3 and any(p.any() for p in cnet.zero_convs[0].parameters())
     model, ms = base.model, base.model.model_sampling
     g = torch.Generator().manual_seed(1)
-    z = ps.fold(torch.from_numpy(c.images[:2]))
+    z = model.process_latent_in(ps.fold(torch.from_numpy(c.images[:2])))
     sigma = ms.sigmas[torch.tensor([300, 700])].float()
     x_noisy = ms.noise_scaling(sigma, torch.randn(z.shape, generator=g), z)
     hint = torch.from_numpy(small["canny"][:2])
@@ -194,7 +194,7 @@ def test_v_weighting_is_the_v_prediction_loss_of_the_eps_model(small):
         ps.loss_weights(ms, t, "snr")
 
 
-def test_latent_scale_is_the_latent_formats_and_the_sampler_undoes_it():
+def test_latent_scale_is_the_latent_formats_and_the_trainer_applies_it():
     base = ps.build_pixel_base(seed=0, latent_scale=2.5)
     z = ps.fold(torch.from_numpy(pr.make_canvases(2, 16, seed=1).images))
     assert torch.equal(base.model.process_latent_in(z), z * 2.5)
@@ -232,3 +232,16 @@ def test_the_denoising_report_is_the_x0_error_of_the_eps_prediction():
         x0_hat = x - sigma * eps   # ComfyUI's EPS calculate_denoised
         assert row["x0_mse"] == pytest.approx(float((x0_hat - z).square().mean()), rel=1e-4)
         assert row["x0_mse_mean"] == pytest.approx(float((z - z.mean(0)).square().mean()), rel=1e-5)
+
+
+def test_controlnet_training_weights_its_task_loss(small):
+    base, c = small["base"], small["canvases"]
+    with pytest.raises(ValueError, match="expected one of"):
+        pc.train_controlnet(base, c.images, small["canny"], c.labels, pc.ControlTraining(steps=1, weighting="snr"))
+    nets = {}
+    for w in ("eps", "v"):
+        cfg = pc.ControlTraining(steps=1, batch_size=4, lr=1e-2, seed=3, weighting=w)
+        nets[w], losses = pc.train_controlnet(base, c.images, small["canny"], c.labels, cfg, log_every=0)
+    # Same batch, same start; rows weighted differently give a different first update.
+    a, b = (dict(nets[w].named_parameters()) for w in ("eps", "v"))
+    assert any(not torch.equal(a[k], b[k]) for k in a)

@@ -79,11 +79,11 @@ def train_controlnet(base, images: np.ndarray, hints: np.ndarray, labels: np.nda
     from . import data, models, objectives
     from .pixel_space import fold, loss_weights
 
+    loss_weights(base.model.model_sampling, torch.zeros(1, dtype=torch.long), cfg.weighting)  # validates
     if init is None:
         cnet = models.controlnet_from_unet(base.unet, base.unet_config, seed=cfg.seed)
     else:
         cnet = copy.deepcopy(models.unwrap(init))
-    loss_weights(base.model.model_sampling, torch.zeros(1, dtype=torch.long), cfg.weighting)  # validates
     cnet = cnet.to(device).float().train().requires_grad_(True)
     warmup = cfg.plain_add_warmup_steps
     if warmup < 0:

@@ -7,8 +7,11 @@ For experiments that need a *trained* base model but cannot download one
 ComfyUI's own ``comfy.model_base.BaseModel`` built from a
 ``comfy.supported_models.SD15`` subclass (the UNet is
 ``openaimodel.UNetModel``, the noise schedule SD1.5's discrete ε schedule),
-with an identity latent format (scale 1), so ComfyUI's sampler, ControlNet
-loader and this project's injection code all run on it unchanged.
+with a plain ``LatentFormat`` (no channel mixing; its ``scale_factor`` is
+``build_pixel_base``'s ``latent_scale``, 1 unless given), so ComfyUI's sampler,
+ControlNet loader and this project's injection code all run on it unchanged.
+Two spaces, as with a VAE: ``fold`` gives the "VAE" space in [−1, 1];
+``model.process_latent_in`` scales it to the model space the UNet sees.
 
 Attention heads: ComfyUI's ControlNet loader falls back to
 ``supported_models_base.BASE`` for a config that matches no released model
@@ -55,7 +58,7 @@ def _config_class():
     import comfy.supported_models
 
     class PixelSpaceSD15(comfy.supported_models.SD15):
-        """SD1.5's schedule and UNet class on folded pixels (identity latent format)."""
+        """SD1.5's schedule and UNet class on folded pixels (a plain latent format)."""
         latent_format = comfy.latent_formats.LatentFormat
         # What ComfyUI's ControlNet loader uses for an unrecognised config (see the module docstring).
         unet_extra_config = {"num_heads": -1, "num_head_channels": 64}
@@ -64,7 +67,8 @@ def _config_class():
 
 
 def fold(gray: torch.Tensor) -> torch.Tensor:
-    """(B, H, W) grayscale in [0, 1] -> (B, 4, H/2, W/2) model-space latent in [−1, 1]."""
+    """(B, H, W) grayscale in [0, 1] -> (B, 4, H/2, W/2) folded latent in [−1, 1] (before the
+    latent format's scale: ``model.process_latent_in`` gives model space)."""
     if gray.ndim != 3 or gray.shape[-1] % 2 or gray.shape[-2] % 2:
         raise ValueError(f"fold: expected (B, H, W) with even H and W, got {tuple(gray.shape)}")
     return F.pixel_unshuffle((gray * 2 - 1).unsqueeze(1), 2)
@@ -145,8 +149,8 @@ LOSS_WEIGHTINGS = ("eps", "v")
 def loss_weights(model_sampling, timestep_index: torch.Tensor, weighting: str) -> torch.Tensor:
     """Per-row weights of the ε-MSE. ``eps``: 1 (SD1.5's own loss). ``v``: 1 + σ², i.e. the
     v-prediction loss of Salimans & Ho 2022 (§4, "SNR+1" weighting) expressed on the ε model:
-    with x = x0 + σε, v̂ − v = √(1+σ²)(ε̂ − ε). Divided by its mean over the schedule, so the
-    loss keeps ε-MSE's scale. ``v`` puts weight where a small ε-model is worst: at high σ an
+    with x = x0 + σε, v̂ − v = √(1+σ²)(ε̂ − ε). Divided by its mean over the schedule (the weights
+    average 1 over the timesteps; about 0.05 at t=0 and 10 at t=999 on SD1.5's schedule). ``v`` puts weight where a small ε-model is worst: at high σ an
     ε error δ is a σ·δ error of x0̂, the sampler's first steps."""
     if weighting == "eps":
         return torch.ones(timestep_index.shape, device=timestep_index.device)
@@ -196,18 +200,21 @@ def denoising_report(base: PixelBase, images: torch.Tensor, timesteps=(50, 200, 
     """How well the base denoises held-out ``images`` (N, H, W) at fixed timesteps.
 
     Per timestep: ``eps_mse``; ``x0_mse`` of x0̂ = x − σε̂ (model space, = σ²·ε-MSE);
-    ``x0_mse_mean``, the x0-MSE of always answering the data's mean (its variance). A base
+    ``x0_mse_mean``, the x0-MSE of always answering these images' per-position mean (their
+    variance: an oracle answer, slightly optimistic for few images). All in model space. A base
     whose ``x0_mse`` is above ``x0_mse_mean`` at high σ predicts worse than the trivial
     answer where the sampler starts, and its samples drift out of range (saturate)."""
-    latents = base.model.process_latent_in(fold(images.float())).to(base.context.device)
+    dev = next(base.unet.parameters()).device
+    latents = base.model.process_latent_in(fold(images.float())).to(dev)
+    ctx = base.context.to(dev)
     ms = base.model.model_sampling
     g = torch.Generator().manual_seed(seed)
     var = float(latents.float().var(0, unbiased=False).mean())
     out = []
     for t in timesteps:
-        noise = torch.randn(latents.shape, generator=g).to(latents.device)
-        idx = torch.full((len(latents),), int(t), dtype=torch.long, device=latents.device)
-        eps_mse = float(eps_loss(base.model, latents, noise, idx, base.context).mean())
+        noise = torch.randn(latents.shape, generator=g).to(dev)
+        idx = torch.full((len(latents),), int(t), dtype=torch.long, device=dev)
+        eps_mse = float(eps_loss(base.model, latents, noise, idx, ctx).mean())
         sigma = float(ms.sigmas[int(t)])
         out.append({"t": int(t), "sigma": sigma, "eps_mse": eps_mse, "x0_mse": sigma ** 2 * eps_mse,
                     "x0_mse_mean": var})

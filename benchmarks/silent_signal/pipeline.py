@@ -31,7 +31,7 @@ class Preset:
     seeds: int = 3               # ControlNet seeds (each trained network)
     sample_steps: int = 20
     rebalance_prob: float = 0.5
-    latent_scale: float = 2.5    # model-space std ≈ 1.5 (pixel_space.build_pixel_base)
+    latent_scale: float = 2.5    # latent format scale (pixel_space.build_pixel_base): canvases' fold std 0.6 -> 1.5
     weighting: str = "v"         # loss weighting of base and ControlNets (pixel_space.loss_weights)
 
 
