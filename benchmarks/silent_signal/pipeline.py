@@ -38,7 +38,7 @@ class Preset:
 PRESETS = {
     "tiny": Preset(size=16, n_train=16, n_test=2, model_channels=32, base_steps=3, base_batch=4, cn_steps=2,
                    ft_steps=1, s2_steps=1, cn_batch=2, seeds=2, sample_steps=2),
-    # What 2 busy shared CPU cores finish in about 40 minutes (docs/evidence.md).
+    # A quarter-size run (24 px canvases, fewer steps and canvases).
     "small": Preset(size=24, n_train=192, n_test=6, base_steps=600, cn_steps=160, ft_steps=80, s2_steps=15,
                     cn_batch=8, sample_steps=8),
     "default": Preset(),
