@@ -150,7 +150,8 @@ def loss_weights(model_sampling, timestep_index: torch.Tensor, weighting: str) -
     """Per-row weights of the ε-MSE. ``eps``: 1 (SD1.5's own loss). ``v``: 1 + σ², i.e. the
     v-prediction loss of Salimans & Ho 2022 (§4, "SNR+1" weighting) expressed on the ε model:
     with x = x0 + σε, v̂ − v = √(1+σ²)(ε̂ − ε). Divided by its mean over the schedule (the weights
-    average 1 over the timesteps; about 0.05 at t=0 and 10 at t=999 on SD1.5's schedule). ``v`` puts weight where a small ε-model is worst: at high σ an
+    average 1 over the timesteps; 0.047 at t=0 and 10.07 at t=999 on SD1.5's schedule).
+    ``v`` puts weight where a small ε-model is worst: at high σ an
     ε error δ is a σ·δ error of x0̂, the sampler's first steps."""
     if weighting == "eps":
         return torch.ones(timestep_index.shape, device=timestep_index.device)

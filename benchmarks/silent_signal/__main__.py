@@ -24,7 +24,8 @@ def parse(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.silent_signal", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="default",
-                   help="tiny: seconds (the test); small: a quarter-size run; default: the full run (76 min on 2 CPU cores)")
+                   help="tiny: seconds (the test); small: a quarter-size run; "
+                        "default: the full run (76 min on 2 CPU cores)")
     p.add_argument("--output", default="runs/silent_signal", help="folder for the table and figures")
     p.add_argument("--device", default="cpu", help="cpu or cuda (cuda also scales the preset up, see --scale)")
     p.add_argument("--scale", type=float, default=None,

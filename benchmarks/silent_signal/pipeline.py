@@ -120,5 +120,6 @@ def run(preset: Preset, device: str = "cpu", data_seed: int = 0, base_seed: int 
             results.append({"samples": ps, "metrics": metrics, "conditions": (a.numpy(), b.numpy())})
             progress(f"seed {seed}: pairing {lk}|{rk} sampled ({time.perf_counter() - t0:.0f} s)")
     return {"preset": asdict(preset), "device": device, "variants": vs, "results": results, "test": test,
-            "test_conditions": test_conds, "base_loss": [float(np.mean(base_losses[:10])), float(np.mean(base_losses[-10:]))],
+            "test_conditions": test_conds,
+            "base_loss": [float(np.mean(base_losses[:10])), float(np.mean(base_losses[-10:]))],
             "controlnet_loss": losses, "base_denoising": base_denoising, "seconds": time.perf_counter() - t0}

@@ -18,7 +18,8 @@ from .sampling import PairSamples, Variant
 def save_run(run: dict, out: Path) -> Path:
     arrays = {f"test/{k}": getattr(run["test"], k) for k in ("images", "labels", "kinds", "periods", "levels")}
     arrays.update({f"test_cond/{k}": v for k, v in run["test_conditions"].items()})
-    meta = {k: run[k] for k in ("preset", "device", "base_loss", "controlnet_loss", "base_denoising", "seconds") if k in run}
+    keys = ("preset", "device", "base_loss", "controlnet_loss", "base_denoising", "seconds")
+    meta = {k: run[k] for k in keys if k in run}
     meta["preset_name"] = run.get("preset_name")
     meta["variants"] = [asdict(v) for v in run["variants"]]
     meta["results"] = []
