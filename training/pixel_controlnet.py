@@ -10,8 +10,10 @@ given λ convention; ``qc_weight`` > 0 adds stage 2's L_QC^simple) under
 sample's regions with ``data.silence_mask`` from the canvas's own region
 labels; the as_written plain-add warm-up is the trainer's rule. What differs
 from the file-based trainer: the data are arrays in memory, the text context
-is the base's constant one, and there is no checkpointing, DDP or mixed
-precision (runs of minutes on one device).
+is the base's constant one, the task loss can be weighted per row
+(``ControlTraining.weighting``, ``pixel_space.loss_weights``; "eps" is the file
+trainer's plain ε-MSE), and there is no checkpointing, DDP or mixed precision
+(runs of minutes on one device).
 
 Hints enter the ControlNet at 8× the latent size, upscaled with
 ``comfy.utils.common_upscale(..., "nearest-exact", "center")``: what core's
