@@ -62,6 +62,7 @@ def assert_same_up_to_fp32_order(actual, expected, rel: float = 2e-5) -> None:
     2e-5 is ~6x the worst seen on CI hardware (3.3e-6), and far below any real
     difference between rows (cond/uncond mixing, a dropped control), which is O(1e-2) or more.
     """
+    assert actual.shape == expected.shape, f"shapes differ: {tuple(actual.shape)} vs {tuple(expected.shape)}"
     scale = float(expected.abs().max())
     err = float((actual - expected).abs().max())
     assert err <= rel * scale, f"max |difference| {err:.3g} exceeds {rel:g} x output scale {scale:.3g}"

@@ -8,9 +8,9 @@ import torch
 
 import comfy.latent_formats
 
-from conftest import assert_same_up_to_fp32_order
+from conftest import assert_same_up_to_fp32_order, give_nonzero_outputs
 from balanced_control.nodes.micontrolnet import MIControlNetApply, MIControlNetSettings
-from training import objectives as O
+from training import models, objectives as O
 from training import pixel_controlnet as pc
 from training import pixel_space as ps
 from training import procedural as pr
@@ -201,8 +201,9 @@ def test_latent_scale_is_the_latent_formats_and_the_trainer_applies_it():
     assert torch.equal(base.model.process_latent_in(z), z * 2.5)
     assert torch.allclose(base.model.process_latent_out(base.model.process_latent_in(z)), z)
     assert ps.build_pixel_base(seed=0).model.latent_format.scale_factor == 1.0  # one instance per model
-    with pytest.raises(ValueError, match="latent_scale must be > 0"):
-        ps.build_pixel_base(seed=0, latent_scale=0.0)
+    for bad in (0.0, -1.0, float("inf"), float("nan"), True, "2.5"):
+        with pytest.raises(ValueError, match=r"latent_scale: expected a finite number > 0.*got"):
+            ps.build_pixel_base(seed=0, latent_scale=bad)
     # The trainers feed the UNet model-space latents: the same loss as eps_loss on scaled latents.
     losses = ps.train_pixel_base(base, torch.from_numpy(pr.make_canvases(4, 16, seed=2).images), steps=1,
                                  batch_size=2, lr=0.0, seed=5, log_every=0)
@@ -235,14 +236,75 @@ def test_the_denoising_report_is_the_x0_error_of_the_eps_prediction():
         assert row["x0_mse_mean"] == pytest.approx(float((z - z.mean(0)).square().mean()), rel=1e-5)
 
 
-def test_controlnet_training_weights_its_task_loss(small):
+def _recording_backward(monkeypatch) -> list:
+    """Record the value of every tensor ``backward()`` is called on (then run it)."""
+    seen, original = [], torch.Tensor.backward
+
+    def backward(self, *args, **kwargs):
+        seen.append(self.detach().clone())
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "backward", backward)
+    return seen
+
+
+def _v_weights_by_definition(ms, t: torch.Tensor) -> torch.Tensor:
+    w = 1 + ms.sigmas.double() ** 2
+    return (w / w.mean())[t]
+
+
+def test_base_training_backpropagates_the_weighted_loss(small, monkeypatch):
+    base = ps.build_pixel_base(seed=2)
+    imgs = torch.from_numpy(small["canvases"].images)
+    with pytest.raises(ValueError, match=r"expected one of \('eps', 'v'\).*got 'snr'"):
+        ps.train_pixel_base(base, imgs, steps=1, weighting="snr")
+    rows, original = [], ps.eps_loss
+    monkeypatch.setattr(ps, "eps_loss", lambda *a: rows.append((a[3], original(*a))) or rows[-1][1])
+    seen = _recording_backward(monkeypatch)
+    for weighting in ("eps", "v"):
+        rows.clear(), seen.clear()
+        losses = ps.train_pixel_base(base, imgs, steps=1, batch_size=4, lr=0.0, seed=1, log_every=0,
+                                     weighting=weighting)
+        (t, per_row), = rows
+        w = torch.ones(4, dtype=torch.float64) if weighting == "eps" else _v_weights_by_definition(
+            base.model.model_sampling, t)
+        assert float(seen[-1]) == pytest.approx(float((per_row.detach().double() * w).mean()), rel=1e-5)
+        assert losses[0] == pytest.approx(float(per_row.detach().mean()), rel=1e-6)  # reported: unweighted
+    assert not torch.allclose(w, torch.ones_like(w))  # the v batch really is weighted
+
+
+def test_controlnet_training_backpropagates_the_weighted_task_loss(small, monkeypatch):
     base, c = small["base"], small["canvases"]
     with pytest.raises(ValueError, match="expected one of"):
         pc.train_controlnet(base, c.images, small["canny"], c.labels, pc.ControlTraining(steps=1, weighting="snr"))
-    nets = {}
-    for w in ("eps", "v"):
-        cfg = pc.ControlTraining(steps=1, batch_size=4, lr=1e-2, seed=3, weighting=w)
-        nets[w], losses = pc.train_controlnet(base, c.images, small["canny"], c.labels, cfg, log_every=0)
-    # Same batch, same start; rows weighted differently give a different first update.
-    a, b = (dict(nets[w].named_parameters()) for w in ("eps", "v"))
-    assert any(not torch.equal(a[k], b[k]) for k in a)
+    terms_seen, original = [], O.loss_terms
+
+    def loss_terms(model, cnet, batch, *args):
+        terms_seen.append((batch.timestep_index, original(model, cnet, batch, *args)))
+        return terms_seen[-1][1]
+
+    monkeypatch.setattr(O, "loss_terms", loss_terms)  # train_controlnet looks it up per call
+    seen = _recording_backward(monkeypatch)
+    ms = base.model.model_sampling
+    start = models.controlnet_from_unet(base.unet, base.unet_config, seed=0)
+    give_nonzero_outputs(start)  # non-zero residuals, so L_QC is non-zero
+    for weighting, qc_weight in (("eps", 0.0), ("v", 0.0), ("v", 0.5)):
+        terms_seen.clear(), seen.clear()
+        cfg = pc.ControlTraining(steps=1, batch_size=4, lr=1e-2, seed=3, weighting=weighting,
+                                 qc_weight=qc_weight, plain_add_warmup_steps=0)
+        pc.train_controlnet(base, c.images, small["canny"], c.labels, cfg, init=start, log_every=0)
+        (t, terms), = terms_seen
+        w = torch.ones(4, dtype=torch.float64) if weighting == "eps" else _v_weights_by_definition(ms, t)
+        task, qc = terms["task"].detach().double(), terms["qc"].detach().double()
+        if qc_weight:
+            assert float(qc.abs().max()) > 0  # stage 2's term is in the loss
+        assert float(seen[-1]) == pytest.approx(float((w * task + qc_weight * qc).mean()), rel=1e-5)
+
+
+def test_timestep_indices_outside_the_schedule_are_refused(small):
+    ms = small["base"].model.model_sampling
+    for bad in (torch.tensor([-1, 5]), torch.tensor([1000])):
+        with pytest.raises(ValueError, match=r"expected integers in \[0, 999\]"):
+            ps.loss_weights(ms, bad, "v")
+    with pytest.raises(ValueError, match="timestep index"):
+        ps.denoising_report(small["base"], torch.from_numpy(small["canvases"].images[:2]), timesteps=(1000,))

@@ -112,7 +112,8 @@ def train_controlnet(base, images: np.ndarray, hints: np.ndarray, labels: np.nda
             terms = objectives.loss_terms(base.model, cnet, batch, cfg.qc_weight, cfg.granularity, cfg.max_lambda,
                                           None, mode, cfg.lambda_convention)
             w = loss_weights(base.model.model_sampling, batch.timestep_index, cfg.weighting)
-            loss = (terms["task"] * w + cfg.qc_weight * terms["qc"]).mean()
+            # The trainer's total (task + qc_weight·qc) with the task term reweighted per row.
+            loss = (terms["total"] + (w - 1.0) * terms["task"]).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(cnet.parameters(), 1.0)

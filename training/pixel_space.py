@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
+import numbers
 import time
 from dataclasses import dataclass
 
@@ -112,8 +114,10 @@ def build_pixel_base(unet_config: dict | None = None, seed: int = 0, device="cpu
     ``latent_scale`` is the latent format's ``scale_factor`` (model space = ``fold`` × scale,
     as SD1.5's 0.18215 scales its VAE latents): ComfyUI's sampler applies it on the way in
     and out, the trainers through ``model.process_latent_in``."""
-    if not latent_scale > 0:
-        raise ValueError(f"latent_scale must be > 0, got {latent_scale}")
+    if (isinstance(latent_scale, bool) or not isinstance(latent_scale, numbers.Real)
+            or not math.isfinite(latent_scale) or latent_scale <= 0):
+        raise ValueError(f"latent_scale: expected a finite number > 0 (model space = fold space x scale; "
+                         f"1 keeps the pixels' own scale), got {latent_scale!r}")
     cfg = copy.deepcopy(unet_config or PIXEL_UNET)
     config = _config_class()(cfg)
     config.latent_format.scale_factor = float(latent_scale)
@@ -153,12 +157,24 @@ def loss_weights(model_sampling, timestep_index: torch.Tensor, weighting: str) -
     average 1 over the timesteps; 0.047 at t=0 and 10.07 at t=999 on SD1.5's schedule).
     ``v`` puts weight where a small ε-model is worst: at high σ an
     ε error δ is a σ·δ error of x0̂, the sampler's first steps."""
+    if weighting not in LOSS_WEIGHTINGS:
+        raise ValueError(f"loss weighting: expected one of {LOSS_WEIGHTINGS} ('eps': plain ε-MSE, "
+                         f"'v': the v-prediction loss), got {weighting!r}; set ControlTraining.weighting "
+                         f"or train_pixel_base(weighting=...) to one of them")
+    check_timesteps(model_sampling, timestep_index)
     if weighting == "eps":
         return torch.ones(timestep_index.shape, device=timestep_index.device)
-    if weighting == "v":
-        w_all = 1.0 + model_sampling.sigmas.float().square()
-        return (w_all / w_all.mean()).to(timestep_index.device)[timestep_index]
-    raise ValueError(f"loss weighting {weighting!r}: expected one of {LOSS_WEIGHTINGS}")
+    w_all = 1.0 + model_sampling.sigmas.float().square()
+    return (w_all / w_all.mean()).to(timestep_index.device)[timestep_index]
+
+
+def check_timesteps(model_sampling, timestep_index) -> None:
+    """Timestep indices must lie in the schedule (a negative index would wrap to σ_max)."""
+    n_t = int(model_sampling.sigmas.shape[0])
+    t = torch.as_tensor(timestep_index)
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= n_t):
+        raise ValueError(f"timestep index: expected integers in [0, {n_t - 1}] (the schedule's "
+                         f"{n_t} steps), got values from {int(t.min())} to {int(t.max())}")
 
 
 def train_pixel_base(base: PixelBase, images: torch.Tensor, steps: int, batch_size: int = 16, lr: float = 2e-3,
@@ -209,6 +225,7 @@ def denoising_report(base: PixelBase, images: torch.Tensor, timesteps=(50, 200, 
     latents = base.model.process_latent_in(fold(images.float())).to(dev)
     ctx = base.context.to(dev)
     ms = base.model.model_sampling
+    check_timesteps(ms, torch.tensor([int(t) for t in timesteps], dtype=torch.long))
     g = torch.Generator().manual_seed(seed)
     var = float(latents.float().var(0, unbiased=False).mean())
     out = []

@@ -24,12 +24,12 @@ def parse(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.silent_signal", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="default",
-                   help="tiny: seconds (the test); small: a quarter-size run; "
+                   help="tiny: seconds (the test); small: a reduced run (24 px, fewer steps and canvases); "
                         "default: the full run (76 min on 2 CPU cores)")
     p.add_argument("--output", default="runs/silent_signal", help="folder for the table and figures")
     p.add_argument("--device", default="cpu", help="cpu or cuda (cuda also scales the preset up, see --scale)")
     p.add_argument("--scale", type=float, default=None,
-                   help="multiply training steps and test canvases (default 1 on cpu, 4 on cuda)")
+                   help="multiply training steps, training canvases and test canvases (default 1 on cpu, 4 on cuda)")
     p.add_argument("--seeds", type=int, default=None, help="ControlNet seeds (default: the preset's)")
     p.add_argument("--replot", metavar="DIR", default=None,
                    help="redraw the table and figures from a finished run's run.npz/run.json in DIR (no training)")
