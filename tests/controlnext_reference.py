@@ -224,6 +224,42 @@ def synthetic_state_dict(layout: str, seed: int = 0, dtype=torch.float32) -> dic
     return sd
 
 
+# -- golden inputs and sketches (tests/goldens/controlnext/make_goldens.py and test_controlnext_goldens.py) --
+
+GOLDEN_SEED = 7
+GOLDEN_PIXELS = 48  # control image size; latents are 48 / 8 (48: SVD v1 still ends at 2x2)
+GOLDEN_FRAMES = 2
+GOLDEN_SVD_SIGMA = 3.0
+GOLDEN_SD_TIMESTEP = 500
+GOLDEN_MODULE_SEED = {"sdxl": 101, "sd15_training": 102, "sd15": 103, "svd_v2": 104, "svd_v1": 105, "sdxl_early": 106}
+SKETCH_WIDTH = 8
+
+
+def golden_image(variant: str) -> torch.Tensor:
+    """The control images (F or 1, 3, 48, 48) in [0, 1] the goldens were made with."""
+    n = GOLDEN_FRAMES if variant.startswith("svd") else 1
+    return torch.rand(n, 3, GOLDEN_PIXELS, GOLDEN_PIXELS, generator=torch.Generator().manual_seed(GOLDEN_SEED + 1))
+
+
+def golden_feature(variant: str, shape) -> torch.Tensor:
+    """The UNet feature just before the injection (rows, C, H, W): the goldens' official UNet had
+    its output there replaced by this tensor (mean 0.5, std 2, so Cross Normalization's
+    statistics are not trivial), so the test can rebuild it."""
+    g = torch.Generator().manual_seed(GOLDEN_MODULE_SEED[variant] + 1000)
+    return 0.5 + 2.0 * torch.randn(tuple(shape), generator=g)
+
+
+def sketch(x: torch.Tensor, seed: int) -> torch.Tensor:
+    """A small exact summary of a (rows, C, *spatial) tensor, in float64: at every row and
+    position, the C channels projected on ``SKETCH_WIDTH`` seeded Gaussian directions
+    (scaled by 1/sqrt(C)), i.e. (rows, positions, SKETCH_WIDTH). Linear, so an error δ
+    in x shows up as an error of δ's RMS size in each entry; every position is kept."""
+    x = x.double().flatten(2)                          # (rows, C, P)
+    c = x.shape[1]
+    r = torch.randn(c, SKETCH_WIDTH, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return torch.einsum("bcp,ck->bpk", x, r / math.sqrt(c))
+
+
 # -- functional reference forward --------------------------------------------------------------
 
 # (stem padding of the 2nd/3rd convs or None, stage groups, mid with GN+residual, max-pool)

@@ -1,58 +1,71 @@
 """ControlNeXt against the official code: module output, injected feature and
 per-row scale of every variant equal golden outputs of the official classes.
 
-The goldens in tests/goldens/controlnext/ were computed once with the official
-repository (dvlab-research/ControlNeXt @ ab4b3ac, and @ d1d16da for the first
-SDXL module) by tests/goldens/controlnext/make_goldens.py, on the synthetic
-module weights ``synthetic_state_dict(layout, seed)`` that this test rebuilds.
-The official UNet recorded the feature just before and just after its
-injection on a [uncond, cond] CFG batch, with the official pipelines' per-row
-scale; the test feeds the same feature through this extension's injection
-(``ControlNeXtCall.prepare`` and ``inject``, what the UNet patches run).
+The goldens in tests/goldens/controlnext/ (JSON, no tensors) were computed once
+with the official repository (dvlab-research/ControlNeXt @ ab4b3ac, and
+@ d1d16da for the first SDXL module) by tests/goldens/controlnext/make_goldens.py,
+on inputs this test rebuilds from seeds: the synthetic module weights
+``synthetic_state_dict(layout, seed)``, the control images ``golden_image`` and
+the UNet feature before the injection ``golden_feature`` (the official UNet had
+its feature there replaced by it). The official UNet recorded the feature just
+after its injection on a [uncond, cond] CFG batch, with the official pipelines'
+per-row scale; the test feeds the same feature through this extension's
+injection (``ControlNeXtCall.prepare`` and ``inject``, what the UNet patches run)
+and compares ``sketch``es (exact linear summaries, every position kept).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 import pytest
-import safetensors.torch
 import torch
 
 from model_patches import controlnext as cx
 
-from controlnext_reference import synthetic_state_dict
+from controlnext_reference import (GOLDEN_MODULE_SEED, GOLDEN_SD_TIMESTEP, GOLDEN_SVD_SIGMA, golden_feature,
+                                   golden_image, sketch, synthetic_state_dict)
 from controlnext_common import model_for, sd15_model, sdxl_model, sdxl_wide_model, svd_model  # noqa: F401
 
 GOLDENS = Path(__file__).parent / "goldens" / "controlnext"
-# Must match make_goldens.py.
-MODULE_SEED = {"sdxl": 101, "sd15_training": 102, "sd15": 103, "svd_v2": 104, "svd_v1": 105, "sdxl_early": 106}
-SVD_SIGMA = 3.0
-SD_TIMESTEP = 500
+
+
+def load_golden(variant: str) -> dict:
+    g = json.loads((GOLDENS / f"{variant}.json").read_text())
+    rows = g["feature_shape"][0]
+    g["row_scale"] = torch.tensor(g["row_scale"])
+    g["h_after_sketch"] = torch.tensor(g["h_after_sketch"], dtype=torch.float64).view(rows, -1, 8)
+    g["module_output_sketch"] = torch.tensor(g["module_output_sketch"], dtype=torch.float64).view(
+        g["module_output_shape"][0], -1, 8)
+    return g
 
 
 def test_every_variant_has_a_golden():
-    assert {p.stem for p in GOLDENS.glob("*.safetensors")} == set(cx.VARIANTS)
+    assert {p.stem for p in GOLDENS.glob("*.json")} == set(cx.VARIANTS)
 
 
 @pytest.mark.parametrize("variant", list(cx.VARIANTS))
 def test_module_injection_and_row_scale_equal_the_official_code(variant, request):
-    golden = safetensors.torch.load_file(str(GOLDENS / f"{variant}.safetensors"))
+    golden = load_golden(variant)
+    seed = GOLDEN_MODULE_SEED[variant]
     v = cx.VARIANTS[variant]
     model = model_for(variant, request)
-    weights = cx.ControlNeXtWeights(synthetic_state_dict(v.layout, MODULE_SEED[variant]), f"{variant}.bin")
-    m = cx.apply_controlnext(model, weights, golden["image"].movedim(1, -1), strength=1.0)
+    image = golden_image(variant)
+    weights = cx.ControlNeXtWeights(synthetic_state_dict(v.layout, seed), f"{variant}.bin")
+    m = cx.apply_controlnext(model, weights, image.movedim(1, -1), strength=1.0)
     stack = m.model_options["transformer_options"][cx.STACK_KEY]
 
-    rows = golden["h_before"].shape[0]
+    h = golden_feature(variant, golden["feature_shape"])
+    rows = h.shape[0]
     ms = model.model.model_sampling
     if v.family == "SVD":
-        sigma = torch.full((rows,), SVD_SIGMA)
+        sigma = torch.full((rows,), GOLDEN_SVD_SIGMA)
     else:
-        sigma = ms.sigmas[SD_TIMESTEP].repeat(rows)
-    assert torch.allclose(ms.timestep(sigma[:1]).float(), golden["timestep"], rtol=1e-6)
-    x = torch.zeros(rows, 4, golden["image"].shape[-2] // 8, golden["image"].shape[-1] // 8)
+        sigma = ms.sigmas[GOLDEN_SD_TIMESTEP].repeat(rows)
+    assert float(ms.timestep(sigma[:1]).float()) == pytest.approx(golden["timestep"], rel=1e-6)
+    x = torch.zeros(rows, 4, image.shape[-2] // 8, image.shape[-1] // 8)
     call = cx.ControlNeXtCall.prepare(stack, model.model, x, sigma, {"cond_or_uncond": [1, 0]})
     (prepared,) = call.points[v.injection]
 
@@ -61,20 +74,37 @@ def test_module_injection_and_row_scale_equal_the_official_code(variant, request
         (prepared.row_scale, golden["row_scale"])
     # module output, on the rows it was evaluated for
     live = golden["row_scale"] != 0
-    expected = golden["module_output"].repeat(2, 1, 1, 1)
+    expected = golden["module_output_sketch"].repeat(2, 1, 1)
     got = prepared.features.index_select(0, prepared.row_feature)
-    assert got.shape == expected.shape
+    assert list(got.shape[1:]) == golden["module_output_shape"][1:] and got.shape[0] == expected.shape[0]
+    got = sketch(got, seed)
     assert torch.allclose(got[live], expected[live], rtol=1e-4, atol=1e-4), (got[live] - expected[live]).abs().max()
     # the injected feature
-    h = golden["h_before"]
     out = call.inject(v.injection, h)
-    assert torch.allclose(out, golden["h_after"], rtol=1e-4, atol=1e-4), (out - golden["h_after"]).abs().max()
-    assert not torch.allclose(golden["h_after"][live], h[live], atol=1e-3)  # the golden does inject
+    assert out.shape == h.shape
+    got = sketch(out, seed)
+    assert torch.allclose(got, golden["h_after_sketch"], rtol=1e-4, atol=1e-4), \
+        (got - golden["h_after_sketch"]).abs().max()
+    assert not torch.allclose(golden["h_after_sketch"][live], sketch(h, seed)[live], atol=1e-3)  # it does inject
 
 
 def test_svd_v1_golden_uncond_rows_are_sigmoid_of_zero():
     """What the official SVD v1 UNet measured for the uncond half: sigmoid(0)·1.3."""
-    golden = safetensors.torch.load_file(str(GOLDENS / "svd_v1.safetensors"))
-    scale = float(synthetic_state_dict("svd_v1", MODULE_SEED["svd_v1"])["scale"])
+    golden = load_golden("svd_v1")
+    scale = float(synthetic_state_dict("svd_v1", GOLDEN_MODULE_SEED["svd_v1"])["scale"])
     assert golden["row_scale"][:2].tolist() == pytest.approx([0.65, 0.65], rel=1e-5)
     assert golden["row_scale"][2:].tolist() == pytest.approx([1.3 / (1 + math.exp(-scale))] * 2, rel=1e-5)
+
+
+def test_the_sketch_sees_a_small_error_anywhere():
+    """The comparison's own power: one channel at one position changed by 7 % of the
+    feature's std, two positions swapped, or everything scaled by 1.001 moves the sketch
+    beyond the tolerance the test above uses."""
+    h = golden_feature("sd15", (2, 1280, 3, 3))
+    base = sketch(h, 103)
+    one = h.clone()
+    one[1, 700, 2, 1] += 0.14
+    swapped = h.clone()
+    swapped[0, :, 0, 0], swapped[0, :, 2, 2] = h[0, :, 2, 2], h[0, :, 0, 0]
+    for changed in (one, swapped, h * 1.001):
+        assert not torch.allclose(sketch(changed, 103), base, rtol=1e-4, atol=1e-4)

@@ -15,22 +15,27 @@ For each variant the official control-module class is built and loaded
 (strict) with ``controlnext_reference.synthetic_state_dict(layout, seed)``;
 the official UNet class of that variant (a small config with the real widths
 at the injection point, diffusers' default initialisation under a fixed seed)
-runs once on a [uncond, cond] CFG batch with the control passed the way the
-official pipeline passes it, including the pipeline's per-row scale for SVD
-(pipeline_stable_video_diffusion_controlnext.py: v1 L576-579, v2 L578-580).
-Forward hooks record the UNet feature just before and just after the
-injection. The per-row scale is measured from the official UNet: a second
-run with the scale that the UNet's own rule turns into 1 gives the unit
-residual, and each row's scale is the projection of its residual on it.
+runs once on a [uncond, cond] CFG batch of ``golden_image(variant)`` with the
+control passed the way the official pipeline passes it, including the
+pipeline's per-row scale for SVD (pipeline_stable_video_diffusion_controlnext.py:
+v1 L576-579, v2 L578-580). A forward hook replaces the UNet feature just before
+the injection by ``golden_feature(variant, shape)`` (seeded, so the test
+rebuilds it); a pre-hook records the feature just after. The per-row scale is
+measured from the official UNet: a second run with the scale that the UNet's
+own rule turns into 1 gives the unit residual, and each row's scale is the
+projection of its residual on it.
 
-Stored per variant (``<variant>.safetensors``): image, timestep, module_output
-(the official module output for the images, once), h_before, h_after, row_scale.
+Stored per variant (``<variant>.json``, no tensors: the test rebuilds every
+input): upstream commit, timestep, the shapes, row_scale, and
+``controlnext_reference.sketch`` of the official module output (for the
+images, once) and of the feature after the injection.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import math
 import sys
 from pathlib import Path
@@ -39,13 +44,10 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))  # tests/, for controlnext_reference
-from controlnext_reference import synthetic_state_dict  # noqa: E402
-
-SEED = 7
-PIXELS = 48  # control image size; latents are PIXELS / 8 (48: SVD v1 still ends at 2x2)
-FRAMES = 2
-SVD_SIGMA = 3.0
-SD_TIMESTEP = 500
+from controlnext_reference import (GOLDEN_FRAMES as FRAMES, GOLDEN_MODULE_SEED as MODULE_SEED,  # noqa: E402
+                                   GOLDEN_PIXELS as PIXELS, GOLDEN_SD_TIMESTEP as SD_TIMESTEP, GOLDEN_SEED as SEED,
+                                   GOLDEN_SVD_SIGMA as SVD_SIGMA, golden_feature, golden_image, sketch,
+                                   synthetic_state_dict)
 
 # variant: (folder, upstream, module (file, class, kwargs), layout, unet (file, class), control kwarg,
 #           before (module path, "out" | "pre"), after)
@@ -68,8 +70,6 @@ SPECS = {
                    ("models.unet", "ControlNeXtUNet2DConditionModel"), "mid_block_additional_residual",
                    ("mid_block", "out"), ("up_blocks.0", "pre")),
 }
-MODULE_SEED = {"sdxl": 101, "sd15_training": 102, "sd15": 103, "svd_v2": 104, "svd_v1": 105, "sdxl_early": 106}
-
 SD_UNET = dict(sample_size=6, in_channels=4, out_channels=4, down_block_types=("DownBlock2D", "DownBlock2D"),
                up_block_types=("UpBlock2D", "UpBlock2D"), block_out_channels=(320, 1280), layers_per_block=1,
                cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32)
@@ -115,9 +115,8 @@ def run_variant(variant: str, roots: dict) -> dict:
     torch.manual_seed(SEED)
     unet = unet_cls(**(SVD_UNET if svd else SD_UNET)).eval()
 
-    g = torch.Generator().manual_seed(SEED + 1)
-    n_img = FRAMES if svd else 1
-    image = torch.rand(n_img, 3, PIXELS, PIXELS, generator=g)
+    image = golden_image(variant)
+    g = torch.Generator().manual_seed(SEED + 2)
     lat = PIXELS // 8
     if svd:
         t = torch.tensor(0.25 * math.log(SVD_SIGMA))  # the EDM continuous timestep SVD is trained with
@@ -134,7 +133,9 @@ def run_variant(variant: str, roots: dict) -> dict:
     records = {}
 
     def hook_out(_m, _args, out):
-        records["before"] = _first_tensor(out).detach().clone()
+        h = golden_feature(variant, _first_tensor(out).shape)
+        records["before"] = h.clone()
+        return (h, *out[1:]) if isinstance(out, (tuple, list)) else h
 
     def hook_pre(_m, args, kwargs):
         x = args[0] if args else kwargs.get("hidden_states", kwargs.get("sample"))
@@ -173,8 +174,15 @@ def run_variant(variant: str, roots: dict) -> dict:
     h2.remove()
     # The module output of the uncond half equals the cond half (the same images): one copy is kept.
     assert torch.equal(control[: rows // 2], control[rows // 2:])
-    return {"image": image, "timestep": t.to(torch.float32).reshape(1), "module_output": control[rows // 2:].float(),
-            "h_before": h_before.float(), "h_after": h_after.float(), "row_scale": row_scale.float()}
+    seed = MODULE_SEED[variant]
+
+    def numbers(x):
+        return [float(f"{v:.9g}") for v in x.flatten().tolist()]
+
+    return {"timestep": float(t), "feature_shape": list(h_before.shape),
+            "module_output_shape": list(control[rows // 2:].shape), "row_scale": numbers(row_scale),
+            "module_output_sketch": numbers(sketch(control[rows // 2:], seed)),
+            "h_after_sketch": numbers(sketch(h_after, seed))}
 
 
 def main():
@@ -184,17 +192,15 @@ def main():
     p.add_argument("--out", type=Path, default=HERE)
     p.add_argument("--variants", nargs="*", default=list(SPECS))
     a = p.parse_args()
-    import safetensors.torch
-
     torch.set_grad_enabled(False)
     for variant in a.variants:
-        tensors = run_variant(variant, {"main": a.upstream, "d1d16da": a.upstream_d1d16da})
-        meta = {"upstream": "dvlab-research/ControlNeXt@" + ("d1d16da" if variant == "sdxl_early" else "ab4b3ac"),
-                "module_seed": str(MODULE_SEED[variant]), "made_by": "tests/goldens/controlnext/make_goldens.py"}
-        path = a.out / f"{variant}.safetensors"
-        safetensors.torch.save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), meta)
-        print(variant, {k: tuple(v.shape) for k, v in tensors.items()},
-              "row_scale", [round(float(x), 5) for x in tensors["row_scale"]], f"{path.stat().st_size} B")
+        golden = {"upstream": "dvlab-research/ControlNeXt@" + ("d1d16da" if variant == "sdxl_early" else "ab4b3ac"),
+                  "module_seed": MODULE_SEED[variant], "made_by": "tests/goldens/controlnext/make_goldens.py",
+                  **run_variant(variant, {"main": a.upstream, "d1d16da": a.upstream_d1d16da})}
+        path = a.out / f"{variant}.json"
+        path.write_text(json.dumps(golden) + "\n")
+        print(variant, "feature", golden["feature_shape"], "module output", golden["module_output_shape"],
+              "row_scale", [round(x, 5) for x in golden["row_scale"]], f"{path.stat().st_size} B")
 
 
 if __name__ == "__main__":
