@@ -248,7 +248,10 @@ def _recording_backward(monkeypatch) -> list:
     return seen
 
 
-def _v_weights_by_definition(ms, t: torch.Tensor) -> torch.Tensor:
+def _weights_by_definition(ms, t: torch.Tensor, weighting: str) -> torch.Tensor:
+    """1 for "eps"; (1 + σ²) over its schedule mean for "v", in float64."""
+    if weighting == "eps":
+        return torch.ones(t.shape, dtype=torch.float64)
     w = 1 + ms.sigmas.double() ** 2
     return (w / w.mean())[t]
 
@@ -259,15 +262,19 @@ def test_base_training_backpropagates_the_weighted_loss(small, monkeypatch):
     with pytest.raises(ValueError, match=r"expected one of \('eps', 'v'\).*got 'snr'"):
         ps.train_pixel_base(base, imgs, steps=1, weighting="snr")
     rows, original = [], ps.eps_loss
-    monkeypatch.setattr(ps, "eps_loss", lambda *a: rows.append((a[3], original(*a))) or rows[-1][1])
+
+    def eps_loss(model, latents, noise, timestep_index, context):
+        rows.append((timestep_index, original(model, latents, noise, timestep_index, context)))
+        return rows[-1][1]
+
+    monkeypatch.setattr(ps, "eps_loss", eps_loss)
     seen = _recording_backward(monkeypatch)
     for weighting in ("eps", "v"):
         rows.clear(), seen.clear()
         losses = ps.train_pixel_base(base, imgs, steps=1, batch_size=4, lr=0.0, seed=1, log_every=0,
                                      weighting=weighting)
         (t, per_row), = rows
-        w = torch.ones(4, dtype=torch.float64) if weighting == "eps" else _v_weights_by_definition(
-            base.model.model_sampling, t)
+        w = _weights_by_definition(base.model.model_sampling, t, weighting)
         assert float(seen[-1]) == pytest.approx(float((per_row.detach().double() * w).mean()), rel=1e-5)
         assert losses[0] == pytest.approx(float(per_row.detach().mean()), rel=1e-6)  # reported: unweighted
     assert not torch.allclose(w, torch.ones_like(w))  # the v batch really is weighted
@@ -279,8 +286,8 @@ def test_controlnet_training_backpropagates_the_weighted_task_loss(small, monkey
         pc.train_controlnet(base, c.images, small["canny"], c.labels, pc.ControlTraining(steps=1, weighting="snr"))
     terms_seen, original = [], O.loss_terms
 
-    def loss_terms(model, cnet, batch, *args):
-        terms_seen.append((batch.timestep_index, original(model, cnet, batch, *args)))
+    def loss_terms(model, cnet, batch, *args, **kwargs):
+        terms_seen.append((batch.timestep_index, original(model, cnet, batch, *args, **kwargs)))
         return terms_seen[-1][1]
 
     monkeypatch.setattr(O, "loss_terms", loss_terms)  # train_controlnet looks it up per call
@@ -294,7 +301,7 @@ def test_controlnet_training_backpropagates_the_weighted_task_loss(small, monkey
                                  qc_weight=qc_weight, plain_add_warmup_steps=0)
         pc.train_controlnet(base, c.images, small["canny"], c.labels, cfg, init=start, log_every=0)
         (t, terms), = terms_seen
-        w = torch.ones(4, dtype=torch.float64) if weighting == "eps" else _v_weights_by_definition(ms, t)
+        w = _weights_by_definition(ms, t, weighting)
         task, qc = terms["task"].detach().double(), terms["qc"].detach().double()
         if qc_weight:
             assert float(qc.abs().max()) > 0  # stage 2's term is in the loss

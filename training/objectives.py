@@ -387,12 +387,13 @@ def training_attention(forward_mode: bool = False):
 
 def loss_terms(model, cnet, batch: Batch, qc_weight: float = 0.0, granularity: str = "layer",
                max_lambda: float = 20.0, autocast=None, mode: str = "micontrolnet",
-               lambda_convention: str = "as_written") -> dict:
+               lambda_convention: str = "as_written", task_weight: torch.Tensor | None = None) -> dict:
     """Per-row diffusion loss (ε-MSE, a mean over the row's elements as in
     diffusers' trainers) and, when ``qc_weight > 0`` and the batch has probes,
     per-row L_QC^simple (a sum over the row's elements, the paper's quantity on
     the score w.r.t. x_t). Returns fp32 per-row tensors ``task``, ``qc`` (zeros
-    when off) and ``total`` = task + qc_weight·qc."""
+    when off) and ``total`` = w·task + qc_weight·qc, with w the optional per-row
+    ``task_weight`` (1 when None; ``pixel_space.loss_weights``)."""
     autocast = autocast or contextlib.nullcontext()
     ms = model.model_sampling
     sigma, x_noisy = noisy_inputs(model, batch)
@@ -405,7 +406,7 @@ def loss_terms(model, cnet, batch: Batch, qc_weight: float = 0.0, granularity: s
             eps = controlled_eps(model, cnet, x_in, x_in, timestep, batch.context, batch.y, batch.hint,
                                  granularity, max_lambda, mode, lambda_convention)
         task = per_row_mse(eps, batch.noise)
-        return {"task": task, "qc": torch.zeros_like(task), "total": task}
+        return {"task": task, "qc": torch.zeros_like(task), "total": _weighted(task, task_weight)}
 
     k = score_jacobian_scale(ms, sigma).to(x_in.device)
     x_t = x_in.detach()
@@ -423,7 +424,11 @@ def loss_terms(model, cnet, batch: Batch, qc_weight: float = 0.0, granularity: s
     task = per_row_mse(eps, batch.noise)
     # ∂s_t/∂x_t = k ∂ε̂/∂x_t per row (score_jacobian_scale).
     qc = qc_per_row_for_training(k * _accumulate(jv), k * _accumulate(jtv))
-    return {"task": task, "qc": qc, "total": task + qc_weight * qc}
+    return {"task": task, "qc": qc, "total": _weighted(task, task_weight) + qc_weight * qc}
+
+
+def _weighted(task: torch.Tensor, task_weight: torch.Tensor | None) -> torch.Tensor:
+    return task if task_weight is None else task * task_weight
 
 
 def rademacher(shape, generator: torch.Generator) -> torch.Tensor:

@@ -79,9 +79,9 @@ def train_controlnet(base, images: np.ndarray, hints: np.ndarray, labels: np.nda
     ``images`` (N, S, S) grayscale targets, ``hints`` (N, S, S, 3) in [0, 1],
     ``labels`` (N, S, S) region ids for rebalancing."""
     from . import data, models, objectives
-    from .pixel_space import fold, loss_weights
+    from .pixel_space import fold, loss_weight_table
 
-    loss_weights(base.model.model_sampling, torch.zeros(1, dtype=torch.long), cfg.weighting)  # validates
+    w_table = loss_weight_table(base.model.model_sampling, cfg.weighting).to(device)
     if init is None:
         cnet = models.controlnet_from_unet(base.unet, base.unet_config, seed=cfg.seed)
     else:
@@ -110,10 +110,8 @@ def train_controlnet(base, images: np.ndarray, hints: np.ndarray, labels: np.nda
                 probe=None if probe is None else probe.to(device))
             mode = "vanilla" if step < warmup else cfg.mode
             terms = objectives.loss_terms(base.model, cnet, batch, cfg.qc_weight, cfg.granularity, cfg.max_lambda,
-                                          None, mode, cfg.lambda_convention)
-            w = loss_weights(base.model.model_sampling, batch.timestep_index, cfg.weighting)
-            # The trainer's total (task + qc_weight·qc) with the task term reweighted per row.
-            loss = (terms["total"] + (w - 1.0) * terms["task"]).mean()
+                                          None, mode, cfg.lambda_convention, task_weight=w_table[batch.timestep_index])
+            loss = terms["total"].mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(cnet.parameters(), 1.0)

@@ -114,8 +114,7 @@ def build_pixel_base(unet_config: dict | None = None, seed: int = 0, device="cpu
     ``latent_scale`` is the latent format's ``scale_factor`` (model space = ``fold`` × scale,
     as SD1.5's 0.18215 scales its VAE latents): ComfyUI's sampler applies it on the way in
     and out, the trainers through ``model.process_latent_in``."""
-    if (isinstance(latent_scale, bool) or not isinstance(latent_scale, numbers.Real)
-            or not math.isfinite(latent_scale) or latent_scale <= 0):
+    if isinstance(latent_scale, bool) or not isinstance(latent_scale, numbers.Real) or not 0 < latent_scale < math.inf:
         raise ValueError(f"latent_scale: expected a finite number > 0 (model space = fold space x scale; "
                          f"1 keeps the pixels' own scale), got {latent_scale!r}")
     cfg = copy.deepcopy(unet_config or PIXEL_UNET)
@@ -157,15 +156,21 @@ def loss_weights(model_sampling, timestep_index: torch.Tensor, weighting: str) -
     average 1 over the timesteps; 0.047 at t=0 and 10.07 at t=999 on SD1.5's schedule).
     ``v`` puts weight where a small ε-model is worst: at high σ an
     ε error δ is a σ·δ error of x0̂, the sampler's first steps."""
-    if weighting not in LOSS_WEIGHTINGS:
-        raise ValueError(f"loss weighting: expected one of {LOSS_WEIGHTINGS} ('eps': plain ε-MSE, "
-                         f"'v': the v-prediction loss), got {weighting!r}; set ControlTraining.weighting "
-                         f"or train_pixel_base(weighting=...) to one of them")
     check_timesteps(model_sampling, timestep_index)
+    return loss_weight_table(model_sampling, weighting).to(timestep_index.device)[timestep_index]
+
+
+def loss_weight_table(model_sampling, weighting: str) -> torch.Tensor:
+    """``loss_weights`` for every timestep of the schedule, (n_t,) fp32 on the schedule's
+    device: the trainers build it once and index it per step."""
+    sigmas = model_sampling.sigmas.float()
     if weighting == "eps":
-        return torch.ones(timestep_index.shape, device=timestep_index.device)
-    w_all = 1.0 + model_sampling.sigmas.float().square()
-    return (w_all / w_all.mean()).to(timestep_index.device)[timestep_index]
+        return torch.ones_like(sigmas)
+    if weighting == "v":
+        w = 1.0 + sigmas.square()
+        return w / w.mean()
+    raise ValueError(f"loss weighting: expected one of {LOSS_WEIGHTINGS} ('eps': plain ε-MSE, "
+                     f"'v': the v-prediction loss), got {weighting!r}")
 
 
 def check_timesteps(model_sampling, timestep_index) -> None:
@@ -182,7 +187,7 @@ def train_pixel_base(base: PixelBase, images: torch.Tensor, steps: int, batch_si
     """Train the base UNet on grayscale ``images`` (N, H, W) in [0, 1] with AdamW;
     every random choice comes from ``seed``. ``weighting``: see ``loss_weights``.
     Returns the per-step (unweighted) ε-MSE losses."""
-    loss_weights(base.model.model_sampling, torch.zeros(1, dtype=torch.long), weighting)  # validates
+    w_table = loss_weight_table(base.model.model_sampling, weighting).to(device)
     unet = base.unet.to(device)
     unet.requires_grad_(True).train()
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
@@ -199,7 +204,7 @@ def train_pixel_base(base: PixelBase, images: torch.Tensor, steps: int, batch_si
         per_row = eps_loss(base.model, latents[idx.to(device)], noise, t, ctx)
         loss = per_row.detach().mean()
         opt.zero_grad(set_to_none=True)
-        (per_row * loss_weights(base.model.model_sampling, t, weighting)).mean().backward()
+        (per_row * w_table[t]).mean().backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
         sched.step()
@@ -225,7 +230,7 @@ def denoising_report(base: PixelBase, images: torch.Tensor, timesteps=(50, 200, 
     latents = base.model.process_latent_in(fold(images.float())).to(dev)
     ctx = base.context.to(dev)
     ms = base.model.model_sampling
-    check_timesteps(ms, torch.tensor([int(t) for t in timesteps], dtype=torch.long))
+    check_timesteps(ms, timesteps)
     g = torch.Generator().manual_seed(seed)
     var = float(latents.float().var(0, unbiased=False).mean())
     out = []

@@ -38,7 +38,7 @@ class Preset:
 PRESETS = {
     "tiny": Preset(size=16, n_train=16, n_test=2, model_channels=32, base_steps=3, base_batch=4, cn_steps=2,
                    ft_steps=1, s2_steps=1, cn_batch=2, seeds=2, sample_steps=2),
-    # A reduced run: 24 px canvases, 192 training canvases, 1/5 of the base steps, ~1/4 of the ControlNet steps.
+    # A reduced run: 24 px canvases, 192 training canvases, 1/5 of the base steps, ~1/3 of the ControlNet steps.
     "small": Preset(size=24, n_train=192, n_test=6, base_steps=600, cn_steps=160, ft_steps=80, s2_steps=15,
                     cn_batch=8, sample_steps=8),
     "default": Preset(),
