@@ -249,15 +249,23 @@ def golden_feature(variant: str, shape) -> torch.Tensor:
     return 0.5 + 2.0 * torch.randn(tuple(shape), generator=g)
 
 
-def sketch(x: torch.Tensor, seed: int) -> torch.Tensor:
-    """A small exact summary of a (rows, C, *spatial) tensor, in float64: at every row and
-    position, the C channels projected on ``SKETCH_WIDTH`` seeded Gaussian directions
-    (scaled by 1/sqrt(C)), i.e. (rows, positions, SKETCH_WIDTH). Linear, so an error δ
-    in x shows up as an error of δ's RMS size in each entry; every position is kept."""
+def sketch(x: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
+    """A small exact summary of a (rows, C, *spatial) tensor, in float64, linear in x:
+
+    * ``positions`` (rows, P, SKETCH_WIDTH): at every row and position, the C channels
+      projected on ``SKETCH_WIDTH`` seeded Gaussian directions (scaled by 1/sqrt(C));
+    * ``channels`` (rows, C): at every row and channel, the P positions projected on one
+      seeded Gaussian direction (scaled by 1/sqrt(P)).
+
+    An error spread over the tensor moves the entries by about its RMS; an error in one
+    element moves its channel's entry by about δ/sqrt(P) and its position's entries by
+    about δ/sqrt(C), so the ``channels`` part is what sees a single wrong channel."""
     x = x.double().flatten(2)                          # (rows, C, P)
-    c = x.shape[1]
-    r = torch.randn(c, SKETCH_WIDTH, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    return torch.einsum("bcp,ck->bpk", x, r / math.sqrt(c))
+    c, n = x.shape[1], x.shape[2]
+    g = torch.Generator().manual_seed(seed)
+    rc = torch.randn(c, SKETCH_WIDTH, generator=g, dtype=torch.float64) / math.sqrt(c)
+    rp = torch.randn(n, generator=g, dtype=torch.float64) / math.sqrt(n)
+    return {"positions": torch.einsum("bcp,ck->bpk", x, rc), "channels": torch.einsum("bcp,p->bc", x, rp)}
 
 
 # -- functional reference forward --------------------------------------------------------------

@@ -145,6 +145,7 @@ def run_variant(variant: str, roots: dict) -> dict:
     h2 = _get(unet, after[0]).register_forward_pre_hook(hook_pre, with_kwargs=True)
 
     def unet_run(raw_scale_rows=None):
+        records.clear()  # both hooks must fire on every run
         with torch.no_grad():
             out = module(cond_input, t)
             out = dict(out)
@@ -159,14 +160,13 @@ def run_variant(variant: str, roots: dict) -> dict:
             unet(sample, t, **extra, **{kwarg: out})
         return out, records["before"], records["after"]
 
-    out, h_before, h_after = unet_run()
+    out, h_before, h_after = unet_run()  # KeyError if a hook did not fire
     control = out["out" if "out" in out else "output"]
     rows = control.shape[0]
     # The raw scale that each UNet's own rule turns into 1: SVD v2 multiplies by 0.2, SVD v1 takes
     # sigmoid(scale)·1.3, the others multiply by the scale.
     unit = {"svd_v2": 5.0, "svd_v1": math.log((1 / 1.3) / (1 - 1 / 1.3))}.get(variant, 1.0)
-    _, h_before_1, h_after_1 = unet_run(torch.full((rows, 1, 1, 1), unit))
-    assert torch.equal(h_before, h_before_1)
+    _, _, h_after_1 = unet_run(torch.full((rows, 1, 1, 1), unit))  # the same golden_feature before it
     d = (h_after - h_before).reshape(rows, -1).double()
     d1 = (h_after_1 - h_before).reshape(rows, -1).double()
     row_scale = (d * d1).sum(1) / (d1 * d1).sum(1)
@@ -179,10 +179,11 @@ def run_variant(variant: str, roots: dict) -> dict:
     def numbers(x):
         return [float(f"{v:.9g}") for v in x.flatten().tolist()]
 
+    module_sketch, h_after_sketch = sketch(control[rows // 2:], seed), sketch(h_after, seed)
     return {"timestep": float(t), "feature_shape": list(h_before.shape),
             "module_output_shape": list(control[rows // 2:].shape), "row_scale": numbers(row_scale),
-            "module_output_sketch": numbers(sketch(control[rows // 2:], seed)),
-            "h_after_sketch": numbers(sketch(h_after, seed))}
+            **{f"module_output_{k}": numbers(v) for k, v in module_sketch.items()},
+            **{f"h_after_{k}": numbers(v) for k, v in h_after_sketch.items()}}
 
 
 def main():
